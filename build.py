@@ -1,0 +1,113 @@
+"""cffi (API mode) builders for the kernel interfaces flexblock talks to.
+
+Everything here is compiled against the installed kernel headers, so ioctl numbers, flag values
+and struct layouts come from <linux/loop.h>, <linux/fs.h> and <fcntl.h> themselves; the cdef
+below only names what we use and lets the compiler fill in values and offsets (`...`).
+
+The C helpers return -errno on failure so that Python never has to read a thread-global errno
+after a call, and each releases the GIL like any cffi call.
+"""
+
+from cffi import FFI
+
+loop_ffi = FFI()
+
+loop_ffi.cdef(
+    """
+    #define LO_NAME_SIZE ...
+    enum {
+        LO_FLAGS_READ_ONLY = ...,
+        LO_FLAGS_AUTOCLEAR = ...,
+        LO_FLAGS_PARTSCAN = ...,
+        LO_FLAGS_DIRECT_IO = ...,
+    };
+    #define LOOP_SET_STATUS_SETTABLE_FLAGS ...
+    #define LOOP_CONFIGURE_SETTABLE_FLAGS ...
+
+    #define LOOP_SET_FD ...
+    #define LOOP_CLR_FD ...
+    #define LOOP_SET_STATUS64 ...
+    #define LOOP_GET_STATUS64 ...
+    #define LOOP_SET_CAPACITY ...
+    #define LOOP_SET_DIRECT_IO ...
+    #define LOOP_SET_BLOCK_SIZE ...
+    #define LOOP_CONFIGURE ...
+    #define LOOP_CTL_ADD ...
+    #define LOOP_CTL_REMOVE ...
+    #define LOOP_CTL_GET_FREE ...
+
+    #define BLKGETSIZE64 ...
+    #define BLKSSZGET ...
+    #define BLKFLSBUF ...
+    #define BLKGETDISKSEQ ...
+
+    struct loop_info64 {
+        uint64_t lo_device;
+        uint64_t lo_inode;
+        uint64_t lo_rdevice;
+        uint64_t lo_offset;
+        uint64_t lo_sizelimit;
+        uint32_t lo_number;
+        uint32_t lo_flags;
+        uint8_t  lo_file_name[...];
+        ...;
+    };
+    struct loop_config {
+        uint32_t fd;
+        uint32_t block_size;
+        struct loop_info64 info;
+        ...;
+    };
+
+    #define F_OFD_GETLK ...
+    #define F_OFD_SETLK ...
+    #define F_RDLCK ...
+    #define F_WRLCK ...
+    #define F_UNLCK ...
+    struct flock {
+        short l_type;
+        short l_whence;
+        int64_t l_start;
+        int64_t l_len;
+        int l_pid;
+        ...;
+    };
+
+    int fb_ioctl_ptr(int fd, unsigned long request, void *arg);
+    int fb_ioctl_int(int fd, unsigned long request, unsigned long arg);
+    int fb_fcntl_lock(int fd, int cmd, struct flock *lock);
+    """
+)
+
+loop_ffi.set_source(
+    "loopctl._ffi",
+    """
+    #define _GNU_SOURCE
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <sys/ioctl.h>
+    #include <linux/fs.h>
+    #include <linux/loop.h>
+
+    static int fb_ioctl_ptr(int fd, unsigned long request, void *arg)
+    {
+        int r = ioctl(fd, request, arg);
+        return r < 0 ? -errno : r;
+    }
+
+    static int fb_ioctl_int(int fd, unsigned long request, unsigned long arg)
+    {
+        int r = ioctl(fd, request, arg);
+        return r < 0 ? -errno : r;
+    }
+
+    static int fb_fcntl_lock(int fd, int cmd, struct flock *lock)
+    {
+        int r = fcntl(fd, cmd, lock);
+        return r < 0 ? -errno : r;
+    }
+    """,
+)
+
+if __name__ == "__main__":
+    loop_ffi.compile(verbose=True)

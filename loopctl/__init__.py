@@ -1,0 +1,19 @@
+"""loopctl: Linux loop devices through the kernel's own interface, no losetup.
+
+    with loopctl.attach("disk.img", lock=True) as dev:
+        subprocess.run(["mkfs.ext4", "-q", dev.path], check=True)
+    # leaving the block detached the device
+
+Errors are OSError subclasses carrying errno and the path concerned (see loopctl.errors).
+"""
+
+from ._ioctl import LoopFlags
+from .device import LoopDevice, LoopInfo, attach, detach, find, get, list_devices
+from .errors import (DeviceBusy, ImageBusy, InvalidArgument, LoopError, NoFreeDevice,
+                     NotALoopDevice, NotBound, NotSupported, SizeMismatch)
+
+__all__ = [
+    "LoopDevice", "LoopFlags", "LoopInfo", "attach", "detach", "find", "get", "list_devices",
+    "LoopError", "DeviceBusy", "ImageBusy", "InvalidArgument", "NoFreeDevice", "NotALoopDevice",
+    "NotBound", "NotSupported", "SizeMismatch",
+]

@@ -1,0 +1,549 @@
+"""LoopDevice, the handle that owns a loop device's fd and identity, and attach().
+
+Identity is the device number plus its diskseq (5.15+), which changes with every binding: a
+handle made by get(), find() or list_devices() holds no fd, and re-checks that identity before it
+acts, so it never detaches or resizes a device that was re-bound to someone else's file since.
+A handle made by attach() holds its fd for as long as it is open; while it does, the binding
+cannot go away under it (LOOP_CLR_FD by others is lazy and waits for our close).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import stat
+import time
+from typing import NamedTuple
+
+from . import _devnode, _ioctl, _ofdlock, _sysfs
+from ._ioctl import LO_NAME_SIZE, LoopFlags
+from .errors import (CONFIGURE_UNSUPPORTED, LOST_RACE, READ_ONLY_BACKING, DeviceBusy,
+                     ImageBusy, InvalidArgument, LoopError, NoFreeDevice, NotALoopDevice,
+                     NotBound, NotSupported, SizeMismatch)
+
+LOOP_CONTROL = "/dev/loop-control"
+# Both util-linux and systemd give up after 64 lost races; systemd's jitter grows to 250 ms.
+MAX_ATTACH_TRIES = 64
+BACKOFF_BASE = 0.010
+BACKOFF_CAP = 0.250
+# LOOP_SET_STATUS64 answered EAGAIN while the page cache could not be dropped (before 5.0,
+# commit 5db470e229e2); util-linux retries 10 x 250 ms.
+SET_STATUS_TRIES = 10
+SET_STATUS_DELAY = 0.250
+DETACH_TIMEOUT = 5.0
+_LLONG_MAX = 2**63 - 1
+
+# Set once LOOP_CONFIGURE turned out to be missing and the fallback worked, so later attaches in
+# this process go straight to the fallback (systemd's loop_configure_broken).
+_configure_unsupported = False
+
+
+# LoopDevice.info()
+class LoopInfo(NamedTuple):
+    name: str
+    path: str
+    number: int
+    devno: int
+    diskseq: int
+    backing_file: str | None
+    backing_devno: int
+    backing_inode: int
+    offset: int
+    sizelimit: int
+    read_only: bool
+    autoclear: bool
+    partscan: bool
+    direct_io: bool
+    block_size: int
+    size: int
+    ref: str
+
+
+class LoopDevice:
+    """A bound loop device.
+
+    Used as a context manager, a handle returned by attach() detaches its device on exit unless
+    relinquish() was called; any other handle only lets go of its fd.
+    """
+
+    def __init__(self, number: int, fd: int, *, owned: bool):
+        # Reads the binding's state through *fd*; the handle keeps *fd* only when it owns it.
+        self.number = number
+        self.devno = _sysfs.devno(number)
+        self._owned = owned
+        self._writable = owned and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        self.diskseq = _ioctl.diskseq(fd, self.path)
+        self._read_state(fd)
+        self._fd = fd if owned else -1
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"loop{self.number}"
+
+    @property
+    def path(self) -> str:
+        return _devnode.node_path(self.number)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return (f"<LoopDevice {self.path} offset={self.offset} sizelimit={self.sizelimit} "
+                f"ro={self.read_only} owned={self._owned}>")
+
+    # -- state as the kernel reported it (refreshed by info() and resize()) --------------------
+    backing_devno = property(lambda self: self._status.backing_devno)
+    backing_inode = property(lambda self: self._status.backing_inode)
+    offset = property(lambda self: self._status.offset)
+    sizelimit = property(lambda self: self._status.sizelimit)
+    ref = property(lambda self: self._status.file_name)
+    read_only = property(lambda self: bool(self._status.flags & LoopFlags.READ_ONLY))
+    autoclear = property(lambda self: bool(self._status.flags & LoopFlags.AUTOCLEAR))
+    partscan = property(lambda self: bool(self._status.flags & LoopFlags.PARTSCAN))
+    direct_io = property(lambda self: bool(self._status.flags & LoopFlags.DIRECT_IO))
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file's current path; it ends in " (deleted)" once unlinked."""
+        return _sysfs.backing_file(self.number)
+
+    def _read_state(self, fd: int) -> None:
+        self._status = _ioctl.get_status(fd, self.path)
+        self.block_size = _ioctl.logical_block_size(fd, self.path)
+        self.size = _ioctl.size_bytes(fd, self.path)
+
+    # -- acting on the device ---------------------------------------------------------------
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: handle holds no fd")
+        return self._fd
+
+    def _open_checked(self) -> int:
+        """An fd on this very binding: ours, or a fresh one once its identity is re-checked."""
+        if self._fd >= 0:
+            return self._fd
+        try:
+            fd = _devnode.open_node(self.number, writable=False, timeout=0)
+        except LoopError as e:
+            if e.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+                raise NotBound(errno.ENXIO, "device is gone", self.path) from None
+            raise
+        try:
+            status = _ioctl.get_status(fd, self.path)
+            seq = _ioctl.diskseq(fd, self.path)
+            if (seq, status.backing_devno, status.backing_inode) != (
+                    self.diskseq, self.backing_devno, self.backing_inode):
+                raise NotBound(errno.ENXIO, "device was detached and bound again since", self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _release(self, fd: int) -> None:
+        if fd != self._fd:
+            os.close(fd)
+
+    def info(self) -> LoopInfo:
+        """The binding's effective state, read from the kernel now."""
+        fd = self._open_checked()
+        try:
+            self._read_state(fd)
+        finally:
+            self._release(fd)
+        return LoopInfo(self.name, self.path, self.number, self.devno, self.diskseq,
+                        self.backing_file, self.backing_devno, self.backing_inode, self.offset,
+                        self.sizelimit, self.read_only, self.autoclear, self.partscan,
+                        self.direct_io, self.block_size, self.size, self.ref)
+
+    def resize(self) -> int:
+        """Re-read the backing file's size (LOOP_SET_CAPACITY); returns the new size in bytes."""
+        fd = self._open_checked()
+        try:
+            _ioctl.set_capacity(fd, self.path)
+            self._read_state(fd)
+        finally:
+            self._release(fd)
+        return self.size
+
+    def detach(self, *, wait: bool = False, timeout: float = DETACH_TIMEOUT) -> None:
+        """Unbind the device (LOOP_CLR_FD), and close the handle.
+
+        The kernel clears the binding at the last close, so while the device is mounted or held
+        open elsewhere it stays bound with autoclear set. With *wait*, return only once it is
+        really unbound, or raise DeviceBusy after *timeout* seconds.
+        """
+        fd = self._open_checked()
+        try:
+            if self._writable:
+                os.fsync(fd)
+            _ioctl.clear_fd(fd, self.path)
+        finally:
+            self._release(fd)
+        self._owned = False
+        self.close()
+        if wait:
+            self._wait_unbound(timeout)
+
+    def _wait_unbound(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while _sysfs.backing_file(self.number) is not None and _sysfs.diskseq(
+                self.number) == self.diskseq:
+            if time.monotonic() >= deadline:
+                raise DeviceBusy(errno.EBUSY, f"still in use after {timeout:g} s; it will be "
+                                 "detached when its last user closes it", self.path)
+            time.sleep(_devnode.POLL_INTERVAL)
+
+    def relinquish(self) -> None:
+        """Leave the device bound and let go of it: close our fd, never detach on exit."""
+        self._owned = False
+        self.close()
+
+    def close(self) -> None:
+        """Close our fd (if any). With autoclear set, the last close unbinds the device."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> LoopDevice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._owned:
+            self.close()
+            return
+        try:
+            self.detach()
+        except NotBound:
+            pass  # somebody detached it already: the outcome we wanted
+
+
+# -- attach ---------------------------------------------------------------------------------
+class _Backing(NamedTuple):
+    fd: int
+    ours: bool  # we opened it, so we close it
+    path: str
+    read_only: bool
+    size: int
+
+
+def _check_range(name: str, value: int, path: str) -> None:
+    if not isinstance(value, int) or not 0 <= value <= _LLONG_MAX:
+        raise InvalidArgument(errno.EINVAL, f"{name} must be an integer from 0 to 2^63-1, "
+                              f"not {value!r}", path)
+
+
+def _backing_size(fd: int, st: os.stat_result, path: str) -> int:
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return _ioctl.size_bytes(fd, path)
+    raise InvalidArgument(errno.EINVAL, "not a regular file or block device", path)
+
+
+def _open_backing(path_or_fd: str | os.PathLike | int, read_only: bool,
+                  read_only_fallback: bool, direct_io: bool) -> _Backing:
+    if isinstance(path_or_fd, int):
+        fd = path_or_fd
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        mode_ro = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        return _Backing(fd, False, path, read_only or mode_ro,
+                        _backing_size(fd, os.fstat(fd), path))
+    path = os.path.abspath(os.fspath(path_or_fd))
+    flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+    if direct_io:
+        flags |= os.O_DIRECT
+    while True:
+        try:
+            fd = os.open(path, flags)
+            break
+        except OSError as e:
+            if e.errno == errno.EINVAL and flags & os.O_DIRECT:
+                flags &= ~os.O_DIRECT  # filesystem without O_DIRECT: buffered, reported later
+            elif e.errno in READ_ONLY_BACKING and read_only_fallback and flags & os.O_RDWR:
+                flags = flags & ~os.O_RDWR | os.O_RDONLY
+            else:
+                raise LoopError(e.errno, f"cannot open backing file: {e.strerror}", path) from None
+    try:
+        size = _backing_size(fd, os.fstat(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Backing(fd, True, path, not flags & os.O_RDWR, size)
+
+
+def _lock_image(backing: _Backing) -> None:
+    try:
+        if _ofdlock.try_lock(backing.fd, exclusive=not backing.read_only):
+            return
+    except OSError as e:
+        raise LoopError(e.errno, f"cannot lock image: {e.strerror}", backing.path) from None
+    pid = _ofdlock.holder_pid(backing.fd, exclusive=not backing.read_only)
+    if pid is not None:
+        holder = f"locked by process {pid}"
+    else:
+        local = [d.path for d in find(backing.path)]
+        holder = (f"attached as {', '.join(local)}" if local
+                  else "locked by another attach, on this or another host")
+    raise ImageBusy(backing.path, holder)
+
+
+def _expected_size(backing_size: int, offset: int, sizelimit: int) -> int:
+    # The kernel's get_size(): what follows the offset, capped by sizelimit, in whole sectors.
+    available = max(backing_size - offset, 0)
+    if 0 < sizelimit < available:
+        available = sizelimit
+    return available & ~511
+
+
+def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: int = 0,
+           block_size: int | None = None, read_only: bool = False,
+           read_only_fallback: bool = False, autoclear: bool = False, partscan: bool = False,
+           direct_io: bool = False, ref: str | None = None, lock: bool = False) -> LoopDevice:
+    """Bind a free loop device to a file (or an open fd) and return its owning handle.
+
+    read_only_fallback: if the file cannot be opened read-write (EROFS, EACCES), attach it
+      read-only instead of failing; ``read_only`` on the result tells which happened.
+    direct_io: asked for, not promised; the kernel drops it silently for misaligned offsets or
+      filesystems without O_DIRECT, and ``direct_io`` on the result says what is in effect.
+    ref: stored as the device's lo_file_name (63 bytes at most); defaults to the file's path.
+    lock: take an OFD lock on the backing file (exclusive read-write, shared read-only) that
+      lives exactly as long as the binding; raises ImageBusy if another attach holds one.
+    """
+    display = str(path_or_fd)
+    _check_range("offset", offset, display)
+    _check_range("sizelimit", sizelimit, display)
+    if block_size is not None and (block_size < 512 or block_size > os.sysconf("SC_PAGESIZE")
+                                   or block_size & (block_size - 1)):
+        raise InvalidArgument(errno.EINVAL, "block size must be a power of two from 512 to the "
+                              f"page size, not {block_size!r}", display)
+    if ref is not None and len(ref.encode()) >= LO_NAME_SIZE:
+        raise InvalidArgument(errno.EINVAL, f"ref must be under {LO_NAME_SIZE} bytes", display)
+
+    backing = _open_backing(path_or_fd, read_only, read_only_fallback, direct_io)
+    try:
+        if offset and offset >= backing.size:
+            raise InvalidArgument(errno.EINVAL, f"offset {offset} is beyond the end of the file "
+                                  f"({backing.size} bytes)", backing.path)
+        if lock:
+            _lock_image(backing)
+        flags = ((LoopFlags.READ_ONLY if backing.read_only else 0)
+                 | (LoopFlags.AUTOCLEAR if autoclear else 0)
+                 | (LoopFlags.PARTSCAN if partscan else 0)
+                 | (LoopFlags.DIRECT_IO if direct_io else 0))
+        file_name = (ref or backing.path).encode("utf-8", "surrogateescape")
+        number, dev_fd = _allocate_and_bind(backing, block_size or 0, offset, sizelimit,
+                                            int(flags), file_name)
+        try:
+            _verify(dev_fd, number, backing, block_size, offset, sizelimit, partscan, file_name)
+            return LoopDevice(number, dev_fd, owned=True)
+        except BaseException:
+            # We bound it ourselves just now, so clearing cannot hit another process's binding.
+            _ioctl.clear_fd(dev_fd, _devnode.node_path(number))
+            os.close(dev_fd)
+            raise
+    finally:
+        if backing.ours:
+            os.close(backing.fd)
+
+
+def _open_control() -> int:
+    try:
+        return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotSupported(errno.ENOENT, "no loop support in this kernel", LOOP_CONTROL) from None
+    except OSError as e:
+        raise LoopError(e.errno, f"cannot open: {e.strerror}", LOOP_CONTROL) from None
+
+
+def _allocate_and_bind(backing: _Backing, block_size: int, offset: int, sizelimit: int,
+                       flags: int, file_name: bytes) -> tuple[int, int]:
+    """Take a free device and bind it; retry lost races with a fresh one. Returns (number, fd).
+
+    Our own allocators queue on an exclusive flock of /dev/loop-control (lock order: control,
+    then device), so races are only with tools that do not take it, such as losetup.
+    """
+    ctl = _open_control()
+    try:
+        for attempt in range(MAX_ATTACH_TRIES):
+            fcntl.flock(ctl, fcntl.LOCK_EX)
+            number = _ioctl.get_free(ctl)
+            try:
+                dev_fd = _devnode.open_node(number, writable=not backing.read_only)
+            except LoopError as e:
+                if e.errno not in LOST_RACE:
+                    raise
+            else:
+                try:
+                    _bind(dev_fd, backing, block_size, offset, sizelimit, flags, file_name)
+                    return number, dev_fd
+                except BaseException as e:
+                    os.close(dev_fd)
+                    if not isinstance(e, LoopError) or e.errno not in LOST_RACE:
+                        raise
+            # Never LOOP_CLR_FD here: EBUSY means the device is someone else's binding now.
+            fcntl.flock(ctl, fcntl.LOCK_UN)
+            time.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * (attempt + 1))))
+        raise NoFreeDevice(errno.EBUSY, f"lost the race for a free device {MAX_ATTACH_TRIES} "
+                           "times", backing.path)
+    finally:
+        os.close(ctl)
+
+
+def _bind(dev_fd: int, backing: _Backing, block_size: int, offset: int, sizelimit: int,
+          flags: int, file_name: bytes) -> None:
+    global _configure_unsupported
+    path = backing.path
+    if not _configure_unsupported:
+        try:
+            _ioctl.configure(dev_fd, backing.fd, block_size=block_size, offset=offset,
+                             sizelimit=sizelimit, flags=flags, file_name=file_name, path=path)
+            return
+        except LoopError as e:
+            if e.errno not in CONFIGURE_UNSUPPORTED:
+                raise
+    # Pre-5.8 path, several ioctls: hold the device's BSD lock meanwhile so udev does not
+    # probe it half-configured (systemd.io/BLOCK_DEVICE_LOCKING).
+    fcntl.flock(dev_fd, fcntl.LOCK_EX)
+    try:
+        _ioctl.set_fd(dev_fd, backing.fd, path)
+        try:
+            _configure_fallback(dev_fd, block_size, offset, sizelimit, flags, file_name, path)
+        except BaseException:
+            _ioctl.clear_fd(dev_fd, path)
+            raise
+    finally:
+        fcntl.flock(dev_fd, fcntl.LOCK_UN)
+    _configure_unsupported = True
+
+
+def _configure_fallback(dev_fd: int, block_size: int, offset: int, sizelimit: int, flags: int,
+                        file_name: bytes, path: str) -> None:
+    if block_size:
+        _ioctl.set_block_size(dev_fd, block_size, path)
+    for attempt in range(SET_STATUS_TRIES):
+        try:
+            _ioctl.set_status(dev_fd, offset=offset, sizelimit=sizelimit, flags=flags,
+                              file_name=file_name, path=path)
+            break
+        except LoopError as e:
+            if e.errno != errno.EAGAIN or attempt == SET_STATUS_TRIES - 1:
+                raise
+            time.sleep(SET_STATUS_DELAY)
+    if offset or sizelimit:
+        _ioctl.flush_buffers(dev_fd, path)
+    if flags & LoopFlags.DIRECT_IO:
+        try:
+            _ioctl.set_direct_io(dev_fd, True, path)
+        except LoopError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: not possible here; reported as not in effect
+                raise
+
+
+def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None, offset: int,
+            sizelimit: int, partscan: bool, file_name: bytes) -> None:
+    """Check the kernel applied what we asked (systemd's loop_configure_verify)."""
+    path = _devnode.node_path(number)
+    status = _ioctl.get_status(dev_fd, path)
+    if (status.offset, status.sizelimit) != (offset, sizelimit):
+        raise SizeMismatch(errno.ERANGE, f"kernel set offset {status.offset} and sizelimit "
+                           f"{status.sizelimit}, not {offset} and {sizelimit}", path)
+    if block_size and _ioctl.logical_block_size(dev_fd, path) != block_size:
+        raise SizeMismatch(errno.ERANGE, f"kernel did not apply block size {block_size}", path)
+    if partscan and not status.flags & LoopFlags.PARTSCAN:
+        # Vanilla 5.8 ignored PARTSCAN in LOOP_CONFIGURE; LOOP_SET_STATUS64 can still set it.
+        _ioctl.set_status(dev_fd, offset=offset, sizelimit=sizelimit,
+                          flags=status.flags | LoopFlags.PARTSCAN, file_name=file_name, path=path)
+    size = _ioctl.size_bytes(dev_fd, path)
+    expected = _expected_size(backing.size, offset, sizelimit)
+    if size != expected:
+        # The file may have changed size since we opened it; otherwise the kernel ignored the
+        # sizelimit (vanilla 5.8) or did not size the device (before 3.9): recompute, poke it.
+        expected = _expected_size(_backing_size(backing.fd, os.fstat(backing.fd), backing.path),
+                                  offset, sizelimit)
+        if size != expected:
+            _ioctl.set_capacity(dev_fd, path)
+            size = _ioctl.size_bytes(dev_fd, path)
+    if size != expected:
+        raise SizeMismatch(errno.ERANGE, f"device has {size} bytes, expected {expected}", path)
+
+
+# -- discovery ------------------------------------------------------------------------------
+def _peek(number: int) -> LoopDevice | None:
+    """A non-owning handle for device *number*, or None if it is not bound (any more)."""
+    try:
+        fd = _devnode.open_node(number, writable=False, timeout=0)
+    except LoopError as e:
+        if e.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return None  # raced an autoclear teardown or a removal
+        raise
+    try:
+        return LoopDevice(number, fd, owned=False)
+    except NotBound:
+        return None
+    finally:
+        os.close(fd)
+
+
+def list_devices() -> list[LoopDevice]:
+    """Every bound loop device, as handles that hold no fd."""
+    return [dev for number in _sysfs.bound_numbers() if (dev := _peek(number)) is not None]
+
+
+def find(backing_file: str | os.PathLike, offset: int | None = None) -> list[LoopDevice]:
+    """The devices bound to *backing_file* (like ``losetup -j``), matched by device and inode.
+
+    A file that no longer exists is matched by the path the kernel remembers for it.
+    """
+    path = os.path.abspath(os.fspath(backing_file))
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        key = None
+    found = []
+    for number in _sysfs.bound_numbers():
+        if key is None:
+            name = _sysfs.backing_file(number)
+            if name is None or name.removesuffix(" (deleted)") != path:
+                continue
+        dev = _peek(number)
+        if dev is None or (key is not None and (dev.backing_devno, dev.backing_inode) != key):
+            continue
+        if offset is None or dev.offset == offset:
+            found.append(dev)
+    return found
+
+
+def get(device: str | os.PathLike | int) -> LoopDevice:
+    """A handle for a bound device given as a number, ``loopN`` or a path to its node."""
+    if isinstance(device, int):
+        number = device
+    else:
+        text = os.fspath(device)
+        if text.startswith("loop") and text[4:].isdigit():
+            number = int(text[4:])
+        else:
+            try:
+                st = os.stat(text)
+            except OSError as e:
+                raise LoopError(e.errno, f"cannot stat: {e.strerror}", text) from None
+            found = _sysfs.number_from_devno(st.st_rdev) if stat.S_ISBLK(st.st_mode) else None
+            if found is None:
+                raise NotALoopDevice(errno.ENODEV, "not a loop device", text)
+            number = found
+    path = _devnode.node_path(number)
+    if not _sysfs.exists(number):
+        raise NotALoopDevice(errno.ENODEV, "no such loop device", path)
+    dev = _peek(number)
+    if dev is None:
+        raise NotBound(errno.ENXIO, "device is not bound to a file", path)
+    return dev
+
+
+def detach(device: str | os.PathLike | int, *, wait: bool = False,
+           timeout: float = DETACH_TIMEOUT) -> None:
+    """Detach a bound device given as for get()."""
+    get(device).detach(wait=wait, timeout=timeout)

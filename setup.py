@@ -1,0 +1,4 @@
+# setuptools reads cffi_modules only from setup(); everything else lives in pyproject.toml.
+from setuptools import setup
+
+setup(cffi_modules=["build.py:loop_ffi"])
