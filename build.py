@@ -1,8 +1,9 @@
-"""cffi (API mode) builders for the kernel interfaces flexblock talks to.
+"""cffi (API mode) builders for the kernel interfaces flexblock talks to: loopctl._ffi (loop
+devices, block ioctls, OFD locks) and flexvolume._ffi (mount(2), umount2(2)).
 
-Everything here is compiled against the installed kernel headers, so ioctl numbers, flag values
-and struct layouts come from <linux/loop.h>, <linux/fs.h> and <fcntl.h> themselves; the cdef
-below only names what we use and lets the compiler fill in values and offsets (`...`).
+Everything here is compiled against the installed headers, so ioctl numbers, flag values and
+struct layouts come from <linux/loop.h>, <linux/fs.h>, <fcntl.h> and <sys/mount.h> themselves;
+the cdefs only name what we use and let the compiler fill in values and offsets (`...`).
 
 The C helpers return -errno on failure so that Python never has to read a thread-global errno
 after a call, and each releases the GIL like any cffi call.
@@ -109,5 +110,45 @@ loop_ffi.set_source(
     """,
 )
 
-if __name__ == "__main__":
-    loop_ffi.compile(verbose=True)
+mount_ffi = FFI()
+
+mount_ffi.cdef(
+    """
+    #define MS_RDONLY ...
+    #define MS_NOSUID ...
+    #define MS_NODEV ...
+    #define MS_NOEXEC ...
+    #define MS_SYNCHRONOUS ...
+    #define MS_DIRSYNC ...
+    #define MS_NOATIME ...
+    #define MS_NODIRATIME ...
+    #define MS_RELATIME ...
+    #define MS_STRICTATIME ...
+    #define MS_LAZYTIME ...
+    #define MS_SILENT ...
+    #define UMOUNT_NOFOLLOW ...
+
+    int fb_mount(const char *source, const char *target, const char *fstype,
+                 unsigned long flags, const char *data);
+    int fb_umount(const char *target, int flags);
+    """
+)
+
+mount_ffi.set_source(
+    "flexvolume._ffi",
+    """
+    #include <errno.h>
+    #include <sys/mount.h>
+
+    static int fb_mount(const char *source, const char *target, const char *fstype,
+                        unsigned long flags, const char *data)
+    {
+        return mount(source, target, fstype, flags, data) < 0 ? -errno : 0;
+    }
+
+    static int fb_umount(const char *target, int flags)
+    {
+        return umount2(target, flags) < 0 ? -errno : 0;
+    }
+    """,
+)

@@ -8,12 +8,14 @@ Errors are OSError subclasses carrying errno and the path concerned (see loopctl
 """
 
 from ._ioctl import LoopFlags
-from .device import LoopDevice, LoopInfo, attach, detach, find, get, list_devices
+from .device import (LoopDevice, LoopInfo, attach, detach, find, get, get_by_devno, list_devices,
+                     lock_image, unlock_image)
 from .errors import (DeviceBusy, ImageBusy, InvalidArgument, LoopError, NoFreeDevice,
                      NotALoopDevice, NotBound, NotSupported, SizeMismatch)
 
 __all__ = [
-    "LoopDevice", "LoopFlags", "LoopInfo", "attach", "detach", "find", "get", "list_devices",
+    "LoopDevice", "LoopFlags", "LoopInfo", "attach", "detach", "find", "get", "get_by_devno",
+    "list_devices", "lock_image", "unlock_image",
     "LoopError", "DeviceBusy", "ImageBusy", "InvalidArgument", "NoFreeDevice", "NotALoopDevice",
     "NotBound", "NotSupported", "SizeMismatch",
 ]

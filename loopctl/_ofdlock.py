@@ -34,6 +34,14 @@ def try_lock(fd: int, *, exclusive: bool) -> bool:
     return True
 
 
+def unlock(fd: int) -> None:
+    lock = _request(True)
+    lock.l_type = lib.F_UNLCK
+    r = lib.fb_fcntl_lock(fd, lib.F_OFD_SETLK, lock)
+    if r < 0:
+        raise OSError(-r, f"F_OFD_SETLK: {os.strerror(-r)}")
+
+
 def holder_pid(fd: int, *, exclusive: bool) -> int | None:
     """The pid owning a conflicting lock, when it is a process-owned (POSIX) lock.
 

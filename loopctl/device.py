@@ -274,20 +274,36 @@ def _open_backing(path_or_fd: str | os.PathLike | int, read_only: bool,
     return _Backing(fd, True, path, not flags & os.O_RDWR, size)
 
 
-def _lock_image(backing: _Backing) -> None:
+def lock_image(fd: int, *, exclusive: bool = True, path: str | None = None) -> None:
+    """Take the image lock that ``attach(lock=True)`` takes, on the open file *fd*.
+
+    The lock belongs to *fd*'s open file description: it lasts until every fd sharing that
+    description is closed, or, once the description is bound to a loop device, until detach.
+    Raises ImageBusy, naming the holder when it can, if another description holds it.
+    """
+    path = path or os.readlink(f"/proc/self/fd/{fd}")
     try:
-        if _ofdlock.try_lock(backing.fd, exclusive=not backing.read_only):
+        if _ofdlock.try_lock(fd, exclusive=exclusive):
             return
     except OSError as e:
-        raise LoopError(e.errno, f"cannot lock image: {e.strerror}", backing.path) from None
-    pid = _ofdlock.holder_pid(backing.fd, exclusive=not backing.read_only)
+        raise LoopError(e.errno, f"cannot lock image: {e.strerror}", path) from None
+    pid = _ofdlock.holder_pid(fd, exclusive=exclusive)
     if pid is not None:
         holder = f"locked by process {pid}"
     else:
-        local = [d.path for d in find(backing.path)]
+        local = [d.path for d in find(path)]
         holder = (f"attached as {', '.join(local)}" if local
                   else "locked by another attach, on this or another host")
-    raise ImageBusy(backing.path, holder)
+    raise ImageBusy(path, holder)
+
+
+def unlock_image(fd: int) -> None:
+    """Drop the lock taken through *fd* (or through attach with *fd*'s description)."""
+    try:
+        _ofdlock.unlock(fd)
+    except OSError as e:
+        raise LoopError(e.errno, f"cannot unlock image: {e.strerror}",
+                        os.readlink(f"/proc/self/fd/{fd}")) from None
 
 
 def _expected_size(backing_size: int, offset: int, sizelimit: int) -> int:
@@ -328,7 +344,7 @@ def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: i
             raise InvalidArgument(errno.EINVAL, f"offset {offset} is beyond the end of the file "
                                   f"({backing.size} bytes)", backing.path)
         if lock:
-            _lock_image(backing)
+            lock_image(backing.fd, exclusive=not backing.read_only, path=backing.path)
         flags = ((LoopFlags.READ_ONLY if backing.read_only else 0)
                  | (LoopFlags.AUTOCLEAR if autoclear else 0)
                  | (LoopFlags.PARTSCAN if partscan else 0)
@@ -541,6 +557,15 @@ def get(device: str | os.PathLike | int) -> LoopDevice:
     if dev is None:
         raise NotBound(errno.ENXIO, "device is not bound to a file", path)
     return dev
+
+
+def get_by_devno(devno: int) -> LoopDevice:
+    """A handle for the bound device with device number *devno* (e.g. a mount's st_dev)."""
+    number = _sysfs.number_from_devno(devno)
+    if number is None:
+        raise NotALoopDevice(errno.ENODEV, f"{os.major(devno)}:{os.minor(devno)} is not a loop "
+                             "device", None)
+    return get(number)
 
 
 def detach(device: str | os.PathLike | int, *, wait: bool = False,
