@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Kernel tools the library and its tests drive for real; gcc builds the cffi binding and the
-# C reference of the benchmark.
-HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev
+# C reference of the benchmark; jq runs the seed driver's command sequence in bench/.
+HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev jq
 
 .PHONY: run test bench host-packages venv clean
 
@@ -28,13 +28,14 @@ $(VENV)/.installed: pyproject.toml setup.py build.py
 venv: host-packages $(VENV)/.installed
 
 run: venv
-	$(PY) -m loopctl.demo
+	$(PY) -m flexvolume.demo
 
 test: venv
 	$(PY) -m pytest
 
 bench: venv
 	$(PY) bench/attach_latency.py
+	$(PY) bench/driver_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info loopctl/_ffi*.so bench/ref_attach

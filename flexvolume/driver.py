@@ -47,7 +47,6 @@ def _describe(error: BaseException) -> str:
 
 def _call(driver: str, command: str, args: list[str]) -> tuple[str, int]:
     import json
-    import traceback
 
     from . import backends, log, options, volume
     from .errors import DriverError
@@ -75,6 +74,8 @@ def _call(driver: str, command: str, args: list[str]) -> tuple[str, int]:
         log.log(identifier, log.ERROR, f"{command} failed: {e}", **fields)
         return json.dumps({"status": "Failure", "message": str(e)}), 1
     except Exception as e:
+        import traceback
+
         log.log(identifier, log.ERROR, f"{command} failed: {traceback.format_exc()}", **fields)
         return json.dumps({"status": "Failure", "message": _describe(e)}), 1
     log.log(identifier, log.INFO, message, **fields)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 
 from .errors import DriverError
 
@@ -24,16 +23,51 @@ _BLANK_SCAN_LIMIT = 64 << 20
 # ext2/3/4 superblock: 1024 bytes into the device; fields at their offsets in struct
 # ext4_super_block (fs/ext4/ext4.h).
 _EXT_SB_OFFSET = 1024
-_EXT_MAGIC = 0xEF53
-_EXT_VALID_FS = 0x0001      # s_state: cleanly unmounted
-_EXT_ERROR_FS = 0x0002      # s_state: errors detected
-_EXT_INCOMPAT_RECOVER = 0x0004  # journal needs replay
+_EXT_MAGIC = 0xEF53          # s_magic, 0x38
+_EXT_VALID_FS = 0x0001       # s_state (0x3A): cleanly unmounted
+_EXT_ERROR_FS = 0x0002       # s_state: errors detected
+_EXT_COMPAT_HAS_JOURNAL = 0x0004         # s_feature_compat, 0x5C
+_EXT_INCOMPAT_RECOVER = 0x0004           # s_feature_incompat (0x60): journal needs replay
+_EXT_INCOMPAT_JOURNAL_DEV = 0x0008       # an external journal, not a filesystem
 _EXT_INCOMPAT_MMP = 0x0100
+_EXT3_INCOMPAT = 0x0002 | 0x0004 | 0x0010  # FILETYPE, RECOVER, META_BG
+_EXT3_RO_COMPAT = 0x0001 | 0x0002 | 0x0004  # s_feature_ro_compat (0x64): SPARSE_SUPER,
+#                                             LARGE_FILE, BTREE_DIR
+_XFS_MAGIC = b"XFSB"          # xfs_dsb.sb_magicnum, at 0
+_BTRFS_MAGIC = b"_BHRfS_M"    # btrfs_super_block.magic, at 64 KiB + 0x40
+_BTRFS_SB_OFFSET = 0x10000
+
+
+def signature(fd: int) -> str | None:
+    """The filesystem a device holds, among those we mount, from its superblock magic.
+
+    This spares the common mount a blkid process; anything it does not recognise goes to
+    probe(), and only probe() decides that a device holds nothing and may be formatted.
+    """
+    head = os.pread(fd, 2048, 0)
+    if head[:4] == _XFS_MAGIC:
+        return "xfs"
+    if len(head) >= 2048:
+        magic, = struct.unpack_from("<H", head, _EXT_SB_OFFSET + 0x38)
+        if magic == _EXT_MAGIC:
+            compat, incompat, ro_compat = struct.unpack_from("<III", head, _EXT_SB_OFFSET + 0x5C)
+            if incompat & _EXT_INCOMPAT_JOURNAL_DEV:
+                return None
+            # blkid's rule: features beyond ext3's make ext4; a journal makes ext3.
+            if incompat & ~_EXT3_INCOMPAT or ro_compat & ~_EXT3_RO_COMPAT:
+                return "ext4"
+            return "ext3" if compat & _EXT_COMPAT_HAS_JOURNAL else "ext2"
+    if os.pread(fd, 8, _BTRFS_SB_OFFSET + 0x40) == _BTRFS_MAGIC:
+        return "btrfs"
+    return None
 
 
 def run(argv: list[str], what: str, *, timeout: float = TOOL_TIMEOUT,
         ok_codes: tuple[int, ...] = (0,), pass_fds: tuple[int, ...] = ()
-        ) -> subprocess.CompletedProcess:
+        ):
+    """Run a tool with no access to our stdio; DriverError with its output if it fails."""
+    import subprocess  # unmount and init never run a tool; spare them the import
+
     try:
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 errors="replace", timeout=timeout, pass_fds=pass_fds)

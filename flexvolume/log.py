@@ -4,7 +4,6 @@ or stderr, which kubelet parses as the reply. Logging never fails a call."""
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import time
 
@@ -25,6 +24,8 @@ def _journal_field(key: str, value: str) -> bytes:
 
 
 def _send(path: str, payload: bytes) -> None:
+    import socket  # only when a log socket exists: it costs every call milliseconds
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.sendto(payload, path)
 

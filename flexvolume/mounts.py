@@ -6,10 +6,10 @@ its loop device without parsing device paths.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import re
-from typing import NamedTuple
 
 from ._ffi import ffi, lib
 from .errors import DriverError
@@ -68,13 +68,8 @@ _FS_OPTIONS = {
 }
 
 
-class MountEntry(NamedTuple):
-    mount_id: int
-    devno: int
-    root: str
-    mount_point: str
-    fs_type: str
-    source: str
+# mount_table(): one line of mountinfo; devno is the mounted filesystem's st_dev
+MountEntry = collections.namedtuple("MountEntry", "mount_id devno root mount_point fs_type source")
 
 
 def _unescape(field: str) -> str:

@@ -8,9 +8,9 @@ ignored unless we use them.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
-from dataclasses import dataclass
 
 from .errors import OptionError
 
@@ -31,23 +31,11 @@ _FALSE = frozenset({"false", "no", "off", "0"})
 _MOUNT_WORD = re.compile(r"[a-z_][a-z0-9_-]*(=[A-Za-z0-9._:/-]+)?")
 
 
-@dataclass(frozen=True)
-class VolumeOptions:
-    file: str
-    share: str | None
-    size: int | None
-    fs_type: str | None  # None: use what the image holds, or DEFAULT_FS_TYPE for a new one
-    read_only: bool
-    allocate: bool
-    mmp: bool
-    mmp_update_interval: int
-    fsck: bool
-    fsck_options: str
-    mount_options: tuple[str, ...]
-    lock: bool
-    fs_group: int | None
-    volume_name: str | None
-    pod: str | None
+# parse(). fs_type None: use what the image holds, or DEFAULT_FS_TYPE for a new one; size in
+# bytes; mount_options the words of mountOptions; pod "namespace/name" when kubelet says.
+VolumeOptions = collections.namedtuple(
+    "VolumeOptions", "file share size fs_type read_only allocate mmp mmp_update_interval fsck "
+    "fsck_options mount_options lock fs_group volume_name pod")
 
 
 def parse_size(name: str, text: str) -> int:

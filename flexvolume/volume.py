@@ -84,8 +84,10 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
 
 def _prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -> str:
     """Make sure *device* holds a filesystem we may mount; returns its type."""
-    found = filesystem.probe(device.path)
-    fs_type = found.get("TYPE")
+    fs_type = filesystem.signature(device.fileno())
+    if fs_type is None:
+        found = filesystem.probe(device.path)
+        fs_type = found.get("TYPE")
     if fs_type is None:
         if found:
             what = found.get("PTTYPE", "data") + (" partition table" if "PTTYPE" in found else "")

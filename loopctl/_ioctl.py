@@ -1,14 +1,17 @@
 """The loop and block ioctls, one thin function each, over the compiled binding.
 
+Named tuples come from collections, not typing: the driver imports this module on every
+kubelet call, and typing alone costs it milliseconds.
+
 Failures raise the typed error for the kernel's errno; callers that must branch on a specific
 errno (retries, fallbacks) catch ``LoopError`` and read ``.errno``.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
-from typing import NamedTuple
 
 from ._ffi import ffi, lib
 from .errors import error_from_errno
@@ -25,16 +28,9 @@ class LoopFlags(enum.IntFlag):
     DIRECT_IO = lib.LO_FLAGS_DIRECT_IO
 
 
-class Status(NamedTuple):
-    """What LOOP_GET_STATUS64 reports for a bound device."""
-
-    backing_devno: int
-    backing_inode: int
-    offset: int
-    sizelimit: int
-    number: int
-    flags: int
-    file_name: str
+# get_status(): what LOOP_GET_STATUS64 reports for a bound device
+Status = collections.namedtuple(
+    "Status", "backing_devno backing_inode offset sizelimit number flags file_name")
 
 
 def _call_ptr(fd: int, request: int, arg, path: str | None, what: str) -> int:

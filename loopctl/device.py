@@ -9,13 +9,12 @@ cannot go away under it (LOOP_CLR_FD by others is lazy and waits for our close).
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import os
-import random
 import stat
 import time
-from typing import NamedTuple
 
 from . import _devnode, _ioctl, _ofdlock, _sysfs
 from ._ioctl import LO_NAME_SIZE, LoopFlags
@@ -40,25 +39,11 @@ _LLONG_MAX = 2**63 - 1
 _configure_unsupported = False
 
 
-# LoopDevice.info()
-class LoopInfo(NamedTuple):
-    name: str
-    path: str
-    number: int
-    devno: int
-    diskseq: int
-    backing_file: str | None
-    backing_devno: int
-    backing_inode: int
-    offset: int
-    sizelimit: int
-    read_only: bool
-    autoclear: bool
-    partscan: bool
-    direct_io: bool
-    block_size: int
-    size: int
-    ref: str
+# LoopDevice.info(): the binding's effective state. backing_file is None once unbound, and
+# ends in " (deleted)" once unlinked; sizes are bytes; ref is the device's lo_file_name.
+LoopInfo = collections.namedtuple(
+    "LoopInfo", "name path number devno diskseq backing_file backing_devno backing_inode offset "
+    "sizelimit read_only autoclear partscan direct_io block_size size ref")
 
 
 class LoopDevice:
@@ -221,12 +206,8 @@ class LoopDevice:
 
 
 # -- attach ---------------------------------------------------------------------------------
-class _Backing(NamedTuple):
-    fd: int
-    ours: bool  # we opened it, so we close it
-    path: str
-    read_only: bool
-    size: int
+# ours: we opened fd, so we close it
+_Backing = collections.namedtuple("_Backing", "fd ours path read_only size")
 
 
 def _check_range(name: str, value: int, path: str) -> None:
@@ -365,6 +346,11 @@ def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: i
             os.close(backing.fd)
 
 
+def _jitter(limit: float) -> float:
+    """A random delay below *limit*, so that racing allocators do not retry in step."""
+    return limit * int.from_bytes(os.urandom(2), "little") / 65536
+
+
 def _open_control() -> int:
     try:
         return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
@@ -401,7 +387,7 @@ def _allocate_and_bind(backing: _Backing, block_size: int, offset: int, sizelimi
                         raise
             # Never LOOP_CLR_FD here: EBUSY means the device is someone else's binding now.
             fcntl.flock(ctl, fcntl.LOCK_UN)
-            time.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * (attempt + 1))))
+            time.sleep(_jitter(min(BACKOFF_CAP, BACKOFF_BASE * (attempt + 1))))
         raise NoFreeDevice(errno.EBUSY, f"lost the race for a free device {MAX_ATTACH_TRIES} "
                            "times", backing.path)
     finally:
