@@ -34,6 +34,11 @@ SET_STATUS_DELAY = 0.250
 DETACH_TIMEOUT = 5.0
 _LLONG_MAX = 2**63 - 1
 
+# Plain ints: IntFlag arithmetic costs microseconds per operation on the attach path.
+_READ_ONLY, _AUTOCLEAR, _PARTSCAN, _DIRECT_IO = (
+    int(f) for f in (LoopFlags.READ_ONLY, LoopFlags.AUTOCLEAR, LoopFlags.PARTSCAN,
+                     LoopFlags.DIRECT_IO))
+
 # Set once LOOP_CONFIGURE turned out to be missing and the fallback worked, so later attaches in
 # this process go straight to the fallback (systemd's loop_configure_broken).
 _configure_unsupported = False
@@ -53,14 +58,17 @@ class LoopDevice:
     relinquish() was called; any other handle only lets go of its fd.
     """
 
-    def __init__(self, number: int, fd: int, *, owned: bool):
-        # Reads the binding's state through *fd*; the handle keeps *fd* only when it owns it.
+    def __init__(self, number: int, fd: int, *, owned: bool,
+                 state: tuple[_ioctl.Status, int] | None = None):
+        # The binding's (status, size) as attach() just verified them, or read through *fd*;
+        # the handle keeps *fd* only when it owns it.
         self.number = number
         self.devno = _sysfs.devno(number)
         self._owned = owned
-        self._writable = owned and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
         self.diskseq = _ioctl.diskseq(fd, self.path)
-        self._read_state(fd)
+        self._status, self.size = state or (_ioctl.get_status(fd, self.path),
+                                            _ioctl.size_bytes(fd, self.path))
+        self._block_size: int | None = None
         self._fd = fd if owned else -1
 
     # -- identity ---------------------------------------------------------------------------
@@ -85,19 +93,30 @@ class LoopDevice:
     offset = property(lambda self: self._status.offset)
     sizelimit = property(lambda self: self._status.sizelimit)
     ref = property(lambda self: self._status.file_name)
-    read_only = property(lambda self: bool(self._status.flags & LoopFlags.READ_ONLY))
-    autoclear = property(lambda self: bool(self._status.flags & LoopFlags.AUTOCLEAR))
-    partscan = property(lambda self: bool(self._status.flags & LoopFlags.PARTSCAN))
-    direct_io = property(lambda self: bool(self._status.flags & LoopFlags.DIRECT_IO))
+    read_only = property(lambda self: bool(self._status.flags & _READ_ONLY))
+    autoclear = property(lambda self: bool(self._status.flags & _AUTOCLEAR))
+    partscan = property(lambda self: bool(self._status.flags & _PARTSCAN))
+    direct_io = property(lambda self: bool(self._status.flags & _DIRECT_IO))
 
     @property
     def backing_file(self) -> str | None:
         """The backing file's current path; it ends in " (deleted)" once unlinked."""
         return _sysfs.backing_file(self.number)
 
+    @property
+    def block_size(self) -> int:
+        """The logical sector size (read on first use: attach has no need of it)."""
+        if self._block_size is None:
+            fd = self._open_checked()
+            try:
+                self._block_size = _ioctl.logical_block_size(fd, self.path)
+            finally:
+                self._release(fd)
+        return self._block_size
+
     def _read_state(self, fd: int) -> None:
         self._status = _ioctl.get_status(fd, self.path)
-        self.block_size = _ioctl.logical_block_size(fd, self.path)
+        self._block_size = _ioctl.logical_block_size(fd, self.path)
         self.size = _ioctl.size_bytes(fd, self.path)
 
     # -- acting on the device ---------------------------------------------------------------
@@ -153,16 +172,22 @@ class LoopDevice:
             self._release(fd)
         return self.size
 
-    def detach(self, *, wait: bool = False, timeout: float = DETACH_TIMEOUT) -> None:
+    def detach(self, *, wait: bool = False, timeout: float = DETACH_TIMEOUT,
+               sync: bool = False) -> None:
         """Unbind the device (LOOP_CLR_FD), and close the handle.
 
         The kernel clears the binding at the last close, so while the device is mounted or held
         open elsewhere it stays bound with autoclear set. With *wait*, return only once it is
         really unbound, or raise DeviceBusy after *timeout* seconds.
+
+        At the last close the kernel writes what is cached for the device into the backing
+        file, as losetup -d leaves it; *sync* also makes it durable first (fsync, which the loop
+        driver passes on to the backing file). Unmounting a filesystem, and releasing the image
+        lock on NFS, flush by themselves.
         """
         fd = self._open_checked()
         try:
-            if self._writable:
+            if sync:
                 os.fsync(fd)
             _ioctl.clear_fd(fd, self.path)
         finally:
@@ -326,16 +351,15 @@ def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: i
                                   f"({backing.size} bytes)", backing.path)
         if lock:
             lock_image(backing.fd, exclusive=not backing.read_only, path=backing.path)
-        flags = ((LoopFlags.READ_ONLY if backing.read_only else 0)
-                 | (LoopFlags.AUTOCLEAR if autoclear else 0)
-                 | (LoopFlags.PARTSCAN if partscan else 0)
-                 | (LoopFlags.DIRECT_IO if direct_io else 0))
+        flags = ((_READ_ONLY if backing.read_only else 0) | (_AUTOCLEAR if autoclear else 0)
+                 | (_PARTSCAN if partscan else 0) | (_DIRECT_IO if direct_io else 0))
         file_name = (ref or backing.path).encode("utf-8", "surrogateescape")
         number, dev_fd = _allocate_and_bind(backing, block_size or 0, offset, sizelimit,
-                                            int(flags), file_name)
+                                            flags, file_name)
         try:
-            _verify(dev_fd, number, backing, block_size, offset, sizelimit, partscan, file_name)
-            return LoopDevice(number, dev_fd, owned=True)
+            state = _verify(dev_fd, number, backing, block_size, offset, sizelimit, partscan,
+                                   file_name)
+            return LoopDevice(number, dev_fd, owned=True, state=state)
         except BaseException:
             # We bound it ourselves just now, so clearing cannot hit another process's binding.
             _ioctl.clear_fd(dev_fd, _devnode.node_path(number))
@@ -436,7 +460,7 @@ def _configure_fallback(dev_fd: int, block_size: int, offset: int, sizelimit: in
             time.sleep(SET_STATUS_DELAY)
     if offset or sizelimit:
         _ioctl.flush_buffers(dev_fd, path)
-    if flags & LoopFlags.DIRECT_IO:
+    if flags & _DIRECT_IO:
         try:
             _ioctl.set_direct_io(dev_fd, True, path)
         except LoopError as e:
@@ -445,8 +469,9 @@ def _configure_fallback(dev_fd: int, block_size: int, offset: int, sizelimit: in
 
 
 def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None, offset: int,
-            sizelimit: int, partscan: bool, file_name: bytes) -> None:
-    """Check the kernel applied what we asked (systemd's loop_configure_verify)."""
+            sizelimit: int, partscan: bool, file_name: bytes) -> tuple[_ioctl.Status, int]:
+    """Check the kernel applied what we asked (systemd's loop_configure_verify); returns the
+    device's status and size."""
     path = _devnode.node_path(number)
     status = _ioctl.get_status(dev_fd, path)
     if (status.offset, status.sizelimit) != (offset, sizelimit):
@@ -454,10 +479,11 @@ def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None,
                            f"{status.sizelimit}, not {offset} and {sizelimit}", path)
     if block_size and _ioctl.logical_block_size(dev_fd, path) != block_size:
         raise SizeMismatch(errno.ERANGE, f"kernel did not apply block size {block_size}", path)
-    if partscan and not status.flags & LoopFlags.PARTSCAN:
+    if partscan and not status.flags & _PARTSCAN:
         # Vanilla 5.8 ignored PARTSCAN in LOOP_CONFIGURE; LOOP_SET_STATUS64 can still set it.
         _ioctl.set_status(dev_fd, offset=offset, sizelimit=sizelimit,
-                          flags=status.flags | LoopFlags.PARTSCAN, file_name=file_name, path=path)
+                          flags=status.flags | _PARTSCAN, file_name=file_name, path=path)
+        status = _ioctl.get_status(dev_fd, path)
     size = _ioctl.size_bytes(dev_fd, path)
     expected = _expected_size(backing.size, offset, sizelimit)
     if size != expected:
@@ -470,6 +496,7 @@ def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None,
             size = _ioctl.size_bytes(dev_fd, path)
     if size != expected:
         raise SizeMismatch(errno.ERANGE, f"device has {size} bytes, expected {expected}", path)
+    return status, size
 
 
 # -- discovery ------------------------------------------------------------------------------
