@@ -1,8 +1,10 @@
 """cffi (API mode) builders for the kernel interfaces flexblock talks to: loopctl._ffi (loop
-devices, block ioctls, OFD locks) and flexvolume._ffi (mount(2), umount2(2)).
+devices, block ioctls, OFD locks), nbd._ffi (the nbd generic-netlink family) and
+flexvolume._ffi (mount(2), umount2(2)).
 
 Everything here is compiled against the installed headers, so ioctl numbers, flag values and
-struct layouts come from <linux/loop.h>, <linux/fs.h>, <fcntl.h> and <sys/mount.h> themselves;
+struct layouts come from <linux/loop.h>, <linux/fs.h>, <fcntl.h>, <linux/nbd.h>,
+<linux/nbd-netlink.h>, <linux/genetlink.h> and <sys/mount.h> themselves;
 the cdefs only name what we use and let the compiler fill in values and offsets (`...`).
 
 The C helpers return -errno on failure so that Python never has to read a thread-global errno
@@ -150,5 +152,76 @@ mount_ffi.set_source(
     {
         return umount2(target, flags) < 0 ? -errno : 0;
     }
+    """,
+)
+
+
+nbd_ffi = FFI()
+
+nbd_ffi.cdef(
+    """
+    #define NBD_FLAG_HAS_FLAGS ...
+    #define NBD_FLAG_READ_ONLY ...
+    #define NBD_FLAG_SEND_FLUSH ...
+    #define NBD_FLAG_SEND_FUA ...
+    #define NBD_FLAG_SEND_TRIM ...
+    #define NBD_FLAG_CAN_MULTI_CONN ...
+    #define NBD_CFLAG_DESTROY_ON_DISCONNECT ...
+    #define NBD_CFLAG_DISCONNECT_ON_CLOSE ...
+
+    #define NBD_GENL_VERSION ...
+    static const char *const NBD_FAMILY;
+    static const char *const NBD_MCAST_GROUP;
+    enum {
+        NBD_ATTR_INDEX = ..., NBD_ATTR_SIZE_BYTES = ..., NBD_ATTR_BLOCK_SIZE_BYTES = ...,
+        NBD_ATTR_TIMEOUT = ..., NBD_ATTR_SERVER_FLAGS = ..., NBD_ATTR_CLIENT_FLAGS = ...,
+        NBD_ATTR_SOCKETS = ..., NBD_ATTR_DEAD_CONN_TIMEOUT = ..., NBD_ATTR_DEVICE_LIST = ...,
+        NBD_ATTR_BACKEND_IDENTIFIER = ...,
+    };
+    enum { NBD_SOCK_ITEM = ..., NBD_SOCK_FD = ... };
+    enum { NBD_DEVICE_ITEM = ..., NBD_DEVICE_INDEX = ..., NBD_DEVICE_CONNECTED = ... };
+    enum {
+        NBD_CMD_CONNECT = ..., NBD_CMD_DISCONNECT = ..., NBD_CMD_RECONFIGURE = ...,
+        NBD_CMD_LINK_DEAD = ..., NBD_CMD_STATUS = ...,
+    };
+
+    #define NETLINK_GENERIC ...
+    #define SOL_NETLINK ...
+    #define NETLINK_ADD_MEMBERSHIP ...
+    #define NETLINK_EXT_ACK ...
+    #define NETLINK_CAP_ACK ...
+    #define NLM_F_REQUEST ...
+    #define NLM_F_ACK ...
+    #define NLM_F_ACK_TLVS ...
+    #define NLMSG_ERROR ...
+    #define NLMSG_DONE ...
+    #define NLA_F_NESTED ...
+    #define GENL_ID_CTRL ...
+    enum { CTRL_CMD_GETFAMILY = ... };
+    enum {
+        CTRL_ATTR_FAMILY_ID = ..., CTRL_ATTR_FAMILY_NAME = ..., CTRL_ATTR_MCAST_GROUPS = ...,
+    };
+    enum { CTRL_ATTR_MCAST_GRP_NAME = ..., CTRL_ATTR_MCAST_GRP_ID = ... };
+    enum { NLMSGERR_ATTR_MSG = ... };
+
+    struct nlmsghdr { uint32_t nlmsg_len; uint16_t nlmsg_type; uint16_t nlmsg_flags;
+                      uint32_t nlmsg_seq; uint32_t nlmsg_pid; ...; };
+    struct genlmsghdr { uint8_t cmd; uint8_t version; ...; };
+    struct nlattr { uint16_t nla_len; uint16_t nla_type; ...; };
+    struct nlmsgerr { int error; struct nlmsghdr msg; ...; };
+    """
+)
+
+nbd_ffi.set_source(
+    "nbd._ffi",
+    """
+    #include <sys/socket.h>
+    #include <linux/netlink.h>
+    #include <linux/genetlink.h>
+    #include <linux/nbd.h>
+    #include <linux/nbd-netlink.h>
+
+    static const char *const NBD_FAMILY = NBD_GENL_FAMILY_NAME;
+    static const char *const NBD_MCAST_GROUP = NBD_GENL_MCAST_GROUP_NAME;
     """,
 )

@@ -20,9 +20,11 @@ MOUNTABLE = EXT_FAMILY + ("xfs", "btrfs")
 
 
 def _check_target(target: str) -> str:
+    """Kubelet's mount dir, as the mount table will name it: kubelet's root is often reached
+    through a symlink (/var/lib/kubelet -> /data/kubelet), mountinfo shows the real path."""
     if "\0" in target or not target.startswith("/"):
         raise DriverError(f"mount dir {target!r} is not an absolute path")
-    return os.path.normpath(target)
+    return os.path.realpath(target)
 
 
 def _same_image(device, image_fd: int) -> bool:

@@ -1,0 +1,16 @@
+"""NBD devices without nbd-client: the handshake (nbd.handshake, pure protocol over any
+socket), the kernel's ``nbd`` generic-netlink family (nbd.control), the two together
+(nbd.client) and qemu-nbd servers for image files (nbd.server)."""
+
+from .client import attach, reconnect
+from .control import (DeviceInfo, DeviceStatus, LinkDeadListener, NotSupported, connect,
+                      disconnect, info, reconfigure, status, wait_connected, wait_disconnected)
+from .errors import HandshakeError, NbdError, NetlinkError, ServerError
+from .handshake import Export, handshake
+
+__all__ = [
+    "attach", "reconnect", "connect", "disconnect", "reconfigure", "status", "info",
+    "wait_connected", "wait_disconnected", "LinkDeadListener", "DeviceInfo", "DeviceStatus",
+    "Export", "handshake", "NbdError", "HandshakeError", "ServerError", "NetlinkError",
+    "NotSupported",
+]
