@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Kernel tools the library and its tests drive for real; gcc builds the cffi binding and the
-# C reference of the benchmark; jq runs the seed driver's command sequence in bench/.
-HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev jq
+# C reference of the benchmark; jq runs the seed driver's command sequence in bench/; qemu-nbd
+# and nbdkit are the NBD servers the handshake and server tests talk to.
+HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev jq \
+                 qemu-utils nbdkit
 
 .PHONY: run test bench host-packages venv clean
 

@@ -6,11 +6,11 @@ from .client import attach, reconnect
 from .control import (DeviceInfo, DeviceStatus, LinkDeadListener, NotSupported, connect,
                       disconnect, info, reconfigure, status, wait_connected, wait_disconnected)
 from .errors import HandshakeError, NbdError, NetlinkError, ServerError
-from .handshake import Export, handshake
+from .handshake import Export
 
 __all__ = [
     "attach", "reconnect", "connect", "disconnect", "reconfigure", "status", "info",
     "wait_connected", "wait_disconnected", "LinkDeadListener", "DeviceInfo", "DeviceStatus",
-    "Export", "handshake", "NbdError", "HandshakeError", "ServerError", "NetlinkError",
+    "Export", "NbdError", "HandshakeError", "ServerError", "NetlinkError",
     "NotSupported",
 ]
