@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from . import device as loop
-from .errors import LoopError
+from .errors import LoopError, NotBound
 
 JSON_SCHEMA_VERSION = 1
 _SIZE = re.compile(r"(\d+)\s*(?:([KMGTPE])(iB|B)?)?", re.IGNORECASE)
@@ -88,13 +88,24 @@ def _cmd_detach(args: argparse.Namespace) -> int:
     return status
 
 
+def _infos(devices: list[loop.LoopDevice]) -> list[loop.LoopInfo]:
+    """Their current state, leaving out those unbound meanwhile (autoclear, other tools)."""
+    infos = []
+    for device in devices:
+        try:
+            infos.append(device.info())
+        except NotBound:
+            pass
+    return infos
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    _emit(args, [d.info() for d in loop.list_devices()], single=False)
+    _emit(args, _infos(loop.list_devices()), single=False)
     return 0
 
 
 def _cmd_find(args: argparse.Namespace) -> int:
-    _emit(args, [d.info() for d in loop.find(args.file, offset=args.offset)], single=False)
+    _emit(args, _infos(loop.find(args.file, offset=args.offset)), single=False)
     return 0
 
 
@@ -125,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only-fallback", action="store_true",
                    help="attach read-only if FILE cannot be opened read-write")
     p.add_argument("-P", "--partscan", action="store_true", help="scan for partitions")
-    p.add_argument("--direct-io", nargs="?", const="on", default="off", choices=["on", "off"],
-                   help="bypass the backing file's page cache")
+    p.add_argument("--direct-io", default="off", choices=["on", "off"],
+                   help="bypass the backing file's page cache (a bare --direct-io means on)")
     p.add_argument("--ref", help="reference stored as the device's file name (63 bytes)")
     p.add_argument("--lock", action="store_true",
                    help="lock FILE for as long as it is attached (refuse a second attach)")
@@ -156,15 +167,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(error: LoopError) -> None:
+def _report(error: OSError) -> None:
     where = f"{error.filename}: " if error.filename else ""
     print(f"loopctl: {where}{error.strerror}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # losetup's --direct-io[=on|off]: a bare flag means on. argparse's optional values would
+    # swallow a FILE that follows, so the bare form is spelled out before parsing.
+    argv = ["--direct-io=on" if a == "--direct-io" else a
+            for a in (sys.argv[1:] if argv is None else argv)]
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except LoopError as e:
+    except OSError as e:  # LoopError, and the OS's own answers about the paths given
         _report(e)
         return 1

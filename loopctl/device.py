@@ -180,15 +180,18 @@ class LoopDevice:
         open elsewhere it stays bound with autoclear set. With *wait*, return only once it is
         really unbound, or raise DeviceBusy after *timeout* seconds.
 
-        At the last close the kernel writes what is cached for the device into the backing
-        file, as losetup -d leaves it; *sync* also makes it durable first (fsync, which the loop
-        driver passes on to the backing file). Unmounting a filesystem, and releasing the image
-        lock on NFS, flush by themselves.
+        What is cached for the device is first written into the backing file (BLKFLSBUF): a
+        sole opener's LOOP_CLR_FD puts the device in rundown at once, and pages still dirty at
+        the last close are then lost with "Buffer I/O error ... lost async page write" (seen on
+        6.18). *sync* also makes the backing file durable (fsync, which the loop driver passes
+        on to it); unmounting a filesystem, and releasing the image lock on NFS, do that anyway.
         """
         fd = self._open_checked()
         try:
             if sync:
                 os.fsync(fd)
+            else:
+                _ioctl.flush_buffers(fd, self.path)
             _ioctl.clear_fd(fd, self.path)
         finally:
             self._release(fd)
@@ -530,7 +533,7 @@ def find(backing_file: str | os.PathLike, offset: int | None = None) -> list[Loo
     try:
         st = os.stat(path)
         key = (st.st_dev, st.st_ino)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         key = None
     found = []
     for number in _sysfs.bound_numbers():

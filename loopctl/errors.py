@@ -64,6 +64,11 @@ class ImageBusy(LoopError):
         super().__init__(errno.EBUSY, f"image is in use ({holder})", path)
         self.holder = holder
 
+    def __reduce__(self):
+        # OSError pickles its (errno, strerror, filename) args, which this __init__ does not
+        # take: without this, an ImageBusy from a worker process arrives as a broken pool.
+        return type(self), (self.filename, self.holder)
+
 
 class SizeMismatch(LoopError):
     """The kernel did not honour the requested size or block size (ERANGE)."""
