@@ -1,6 +1,6 @@
 """cffi (API mode) builders for the kernel interfaces flexblock talks to: loopctl._ffi (loop
 devices, block ioctls, OFD locks), nbd._ffi (the nbd generic-netlink family) and
-flexvolume._ffi (mount(2), umount2(2)).
+flexvolume._ffi (mount(2), umount2(2), prctl(2)).
 
 Everything here is compiled against the installed headers, so ioctl numbers, flag values and
 struct layouts come from <linux/loop.h>, <linux/fs.h>, <fcntl.h>, <linux/nbd.h>,
@@ -133,6 +133,7 @@ mount_ffi.cdef(
     int fb_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
     int fb_umount(const char *target, int flags);
+    int fb_die_with_parent(int parent);
     """
 )
 
@@ -140,7 +141,10 @@ mount_ffi.set_source(
     "flexvolume._ffi",
     """
     #include <errno.h>
+    #include <signal.h>
+    #include <unistd.h>
     #include <sys/mount.h>
+    #include <sys/prctl.h>
 
     static int fb_mount(const char *source, const char *target, const char *fstype,
                         unsigned long flags, const char *data)
@@ -151,6 +155,17 @@ mount_ffi.set_source(
     static int fb_umount(const char *target, int flags)
     {
         return umount2(target, flags) < 0 ? -errno : 0;
+    }
+
+    /* In a child between fork and exec: be killed when the parent dies, and if it already
+       has (we were reparented before prctl took effect), go now. */
+    static int fb_die_with_parent(int parent)
+    {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+            return -errno;
+        if (getppid() != parent)
+            _exit(1);
+        return 0;
     }
     """,
 )

@@ -68,9 +68,15 @@ def run(argv: list[str], what: str, *, timeout: float = TOOL_TIMEOUT,
     """Run a tool with no access to our stdio; DriverError with its output if it fails."""
     import subprocess  # unmount and init never run a tool; spare them the import
 
+    from ._ffi import lib
+
+    parent = os.getpid()
     try:
+        # A tool outliving a killed driver would keep the image (and its lock) busy, and a
+        # kubelet retry would race it: tools die with the driver.
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                errors="replace", timeout=timeout, pass_fds=pass_fds)
+                                errors="replace", timeout=timeout, pass_fds=pass_fds,
+                                preexec_fn=lambda: lib.fb_die_with_parent(parent))
     except FileNotFoundError:
         raise DriverError(f"{what}: {argv[0]} is not installed on this node") from None
     except subprocess.TimeoutExpired:
@@ -157,7 +163,7 @@ def fsck(device: str, fs_type: str, options: str) -> None:
 
 def grow(fs_type: str, device: str, mount_point: str) -> None:
     """Grow a mounted filesystem to the size of its device."""
-    if fs_type in ("ext4", "ext3"):
+    if fs_type in ("ext4", "ext3", "ext2"):
         argv = ["resize2fs", device]
     elif fs_type == "xfs":
         argv = ["xfs_growfs", mount_point]

@@ -219,6 +219,10 @@ def open_image(root: str, parts: list[str], *, read_only: bool, size: int | None
                 raise DriverError(f"{display} is a symlink; refusing it") from None
             raise DriverError(f"cannot open {display}: {e.strerror}") from None
         try:
+            # Creators killed mid-way leave temporary images behind (one killed between
+            # publishing and dropping its temporary name, a second name of this very image):
+            # remove those nobody holds any more before judging the image.
+            _remove_abandoned_temps(dir_fd, name)
             _check_file(fd, root_dev, display)
             os.set_blocking(fd, True)
         except BaseException:

@@ -47,6 +47,8 @@ _EXT_OPTIONS = {
 _FS_OPTIONS = {
     "ext4": _EXT_OPTIONS,
     "ext3": _EXT_OPTIONS,
+    # ext2 has no journal: no data= modes, no journal checksums
+    "ext2": {k: v for k, v in _EXT_OPTIONS.items() if "journal" not in k and k != "data"},
     "xfs": {
         "discard": None, "nodiscard": None, "inode32": None, "inode64": None, "largeio": None,
         "nolargeio": None, "nouuid": None, "noalign": None, "swalloc": None,

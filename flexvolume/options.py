@@ -66,7 +66,9 @@ def parse_bool(name: str, text: str) -> bool:
 
 
 def _parse_int(name: str, text: str, low: int, high: int) -> int:
-    if not text.strip().isdigit() or not low <= int(text) <= high:
+    text = text.strip()
+    # isdigit() alone accepts digits int() refuses, such as "²".
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise OptionError(name, f"{text!r} is not a whole number from {low} to {high}")
     return int(text)
 

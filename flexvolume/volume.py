@@ -41,7 +41,7 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
     current = mounts.mount_at(target)
     if current is not None:
         with image.open_image(root, parts, read_only=True, size=None, allocate=False) as img:
-            device = backend.device_for(current.devno)
+            device = backend.device_for(current)
             if device is None or not _same_image(device, img.fd):
                 raise DriverError(f"{target} already has another filesystem mounted")
         return f"{img.path} already mounted at {target}"
@@ -54,6 +54,9 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             mounts.mount_arguments(fs_type, opts.mount_options, opts.read_only)  # refuse early
             filesystem.mkfs(img.fd_path, fs_type, mmp=opts.mmp,
                             mmp_interval=opts.mmp_update_interval, pass_fds=(img.fd,))
+            if opts.allocate:
+                # mke2fs discards (punches holes in) the file it formats: allocate again.
+                os.posix_fallocate(img.fd, 0, opts.size)
             img.publish(lock=opts.lock)
         elif opts.size and not opts.read_only and os.fstat(img.fd).st_size < opts.size:
             raise DriverError(f"{img.path} is smaller than size {opts.size}; grow it by resizing "
@@ -139,7 +142,7 @@ def unmount(target: str, backend: ModuleType) -> str:
     current = mounts.mount_at(target)
     if current is None:
         return f"{target} is not mounted"
-    device = backend.device_for(current.devno)
+    device = backend.device_for(current)
     try:
         mounts.unmount(target)
     except OSError as e:
@@ -157,12 +160,12 @@ def unmount(target: str, backend: ModuleType) -> str:
 
 def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleType) -> str:
     """Grow the image file to *new_size* bytes, then the device, then the mounted filesystem."""
-    if not new_size_text.isdigit():
+    if not (new_size_text.isascii() and new_size_text.isdigit()):
         raise DriverError(f"new size {new_size_text!r} is not a byte count")
     new_size = int(new_size_text)
     target = _check_target(target)
     current = mounts.mount_at(target)
-    device = backend.device_for(current.devno) if current is not None else None
+    device = backend.device_for(current) if current is not None else None
     if device is None:
         raise DriverError(f"{target} is not a mounted flexblock volume")
     try:

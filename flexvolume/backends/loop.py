@@ -7,17 +7,32 @@ volume is unmounted, or as soon as a driver killed mid-call has its fds closed. 
 
 from __future__ import annotations
 
+import errno
+import os
+
 import loopctl
 from loopctl import LoopDevice
+
+from ..mounts import MountEntry
+
+LOOP_MAJOR = 7
 
 
 def attach(image_fd: int, *, read_only: bool, lock: bool) -> LoopDevice:
     return loopctl.attach(image_fd, read_only=read_only, autoclear=True, lock=lock)
 
 
-def device_for(devno: int) -> LoopDevice | None:
-    """The bound loop device with number *devno*, if it is one."""
+def device_for(mount: MountEntry) -> LoopDevice | None:
+    """The bound loop device a mount lives on, if it is one: found by the mount's device
+    number, or by its source for filesystems that report an anonymous one (btrfs)."""
     try:
-        return loopctl.get_by_devno(devno)
+        if os.major(mount.devno) == LOOP_MAJOR:
+            return loopctl.get_by_devno(mount.devno)
+        if mount.source.startswith("/dev/loop"):
+            return loopctl.get(mount.source)
     except (loopctl.NotBound, loopctl.NotALoopDevice):
         return None
+    except loopctl.LoopError as e:
+        if e.errno != errno.ENOENT:  # the node is gone: not ours to find any more
+            raise
+    return None
