@@ -1,0 +1,79 @@
+"""Kubelet runs operations on different (volume, pod) pairs in parallel: concurrent calls must
+neither both win a volume nor leave half-made images behind."""
+
+import os
+
+import pytest
+
+from kubelet import (MIN_SIZE, Kubelet, MiB, Pod, assert_released, check_reply, checksum, go_json,
+                     image_path, kubelet, loops_for, new_volume, share,  # noqa: F401
+                     temp_images, wait_until, write_data)
+
+
+def start_mounts(kubelet, pods, options_for):
+    calls = []
+    for pod in pods:
+        target = kubelet.pod_dir(pod)
+        kubelet.prepare_for_mount(target)
+        raw = go_json(Kubelet.options(options_for(pod), fs_type="ext4", pod=pod))
+        calls.append((pod, kubelet.argv("mount", target, raw),
+                      kubelet.spawn("mount", target, raw)))
+    replies = {}
+    for pod, argv, proc in calls:
+        output, _ = proc.communicate(timeout=120)
+        reply = check_reply(argv, proc.returncode, output, 0.0)
+        reply.target = kubelet.pod_dir(pod)
+        if reply.status != "Success":
+            os.rmdir(reply.target)
+        replies[pod] = reply
+    return replies
+
+
+def test_two_pods_creating_one_new_volume_at_once(kubelet, share):
+    image = image_path(share)
+    pods = [Pod(f"pod-{i}") for i in range(2)]
+    replies = start_mounts(kubelet, pods, lambda pod: new_volume(share))
+    winners = [pod for pod, r in replies.items() if r.status == "Success"]
+    assert len(winners) == 1, replies
+    loser = next(pod for pod in pods if pod not in winners)
+    message = replies[loser].message
+    assert "in use" in message or "concurrently" in message, message
+    assert temp_images(image.parent) == []
+    assert len(loops_for(image)) == 1
+    digest = write_data(kubelet.pod_dir(winners[0]))
+    assert kubelet.unmount(winners[0]).status == "Success"
+    assert wait_until(lambda: not loops_for(image))
+    reply = kubelet.mount(loser, new_volume(share))  # kubelet's retry
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "data.bin") == digest
+    assert kubelet.unmount(loser).status == "Success"
+    assert image.stat().st_size == 30 * MiB
+    assert_released(kubelet, share)
+
+
+def test_pods_creating_different_volumes_at_once(kubelet, share):
+    pods = [Pod(f"pod-{i}") for i in range(6)]
+    replies = start_mounts(kubelet, pods, lambda pod: new_volume(share, pod.name))
+    assert all(r.status == "Success" for r in replies.values()), replies
+    devices = {os.stat(kubelet.pod_dir(pod)).st_dev for pod in pods}
+    assert len(devices) == len(pods)
+    for pod in pods:
+        assert loops_for(image_path(share, pod.name)) != []
+        assert kubelet.unmount(pod).status == "Success"
+    assert temp_images(image_path(share).parent) == []
+    assert_released(kubelet, share)
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
+def test_allocate_preallocates_the_image(kubelet, share, fs_type):
+    """allocate: the image's blocks are reserved on the share up front (no ENOSPC later)."""
+    size = MIN_SIZE[fs_type] * 2 if fs_type == "ext4" else MIN_SIZE[fs_type]
+    pod = Pod("web")
+    reply = kubelet.mount(pod, new_volume(share, size=f"{size // MiB}Mi", allocate="true"),
+                          fs_type=fs_type)
+    assert reply.status == "Success", reply
+    st = image_path(share).stat()
+    assert st.st_size == size
+    print(f"{fs_type}: {st.st_blocks * 512} of {size} bytes allocated")
+    assert st.st_blocks * 512 >= size, "mkfs discarded (punched out) the preallocated blocks"
+    assert kubelet.unmount(pod).status == "Success"

@@ -1,0 +1,203 @@
+"""A driver killed at any point of mount or unmount (OOM killer, node shutdown, kubelet
+restart) must leave a state that kubelet's retry turns into Success, with nothing leaked.
+
+The sweeps SIGKILL the driver after increasing delays until a call completes before the kill.
+Each driver runs in a session of its own, so that what it started (mkfs, blkid, e2fsck) can be
+found and waited for after its death; kubelet retries after 500 ms at the earliest, by which
+time such children have long finished at these sizes.
+"""
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from kubelet import (Kubelet, Pod, assert_released, check_reply, checksum, findmnt, go_json,
+                     image_path, is_mount_point, kubelet, loops_for, new_volume,  # noqa: F401
+                     share, temp_images, wait_for_session, wait_until, write_data)
+
+STEP = 0.002       # s between kill delays (mount)
+UNMOUNT_STEP = 0.001
+MAX_DELAY = 1.0    # a call slower than this on a 30 MiB volume is a bug of its own
+
+
+def kill_after(proc, delay: float) -> bool:
+    """SIGKILL *proc* after *delay* seconds unless it finished; True if it was killed. Then
+    wait for whatever it started (its session) to end."""
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        proc.kill()
+    proc.wait()
+    wait_for_session(proc.pid)
+    return killed
+
+
+def finish(proc, argv):
+    """The reply of a call that completed before its kill; checked like any other."""
+    output = proc.stdout.read()
+    proc.stdout.close()
+    return check_reply(argv, proc.returncode, output, 0.0)
+
+
+def wait_image_free(kubelet, pod, image):
+    """What a killed mount left bound goes away once its fds are closed (udevd may hold the
+    device a moment longer); a completed kernel mount of course stays."""
+    if not is_mount_point(kubelet.pod_dir(pod)):
+        assert wait_until(lambda: not loops_for(image)), f"{image} still bound after the kill"
+
+
+@pytest.mark.parametrize("mmp", ["false", pytest.param("true", marks=pytest.mark.slow)],
+                         ids=["no-mmp", "mmp"])
+@pytest.mark.parametrize("phase", ["new", "existing"])
+def test_kill_during_mount_then_retry(kubelet, share, phase, mmp):
+    """With MMP (slow): a kill inside mount(2) can fail the kernel mount after it wrote its
+    MMP sequence (creating kmmpd is a killable wait); the next mount then waits 2 x 11 s for
+    a heartbeat that never comes. That is MMP doing its job, not a driver bug."""
+    image = image_path(share)
+    options = new_volume(share, fsck="true", mmp=mmp)
+    pod = Pod("web")
+    digest = None
+    if phase == "existing":
+        reply = kubelet.mount(pod, options, fs_type="ext4")
+        assert reply.status == "Success", reply
+        digest = write_data(reply.target)
+        assert kubelet.unmount(pod).status == "Success"
+
+    target = kubelet.pod_dir(pod)
+    raw = go_json(Kubelet.options(options, fs_type="ext4", pod=pod))
+    delay, kills = 0.0, 0
+    while delay <= MAX_DELAY:
+        kubelet.prepare_for_mount(target)
+        argv = kubelet.argv("mount", target, raw)
+        proc = kubelet.spawn("mount", target, raw, start_new_session=True)
+        if not kill_after(proc, delay):
+            reply = finish(proc, argv)
+            assert reply.status == "Success", reply
+            break
+        kills += 1
+        proc.stdout.close()
+        try:
+            os.rmdir(target)  # kubelet after a failed mount; EBUSY if the kernel mount happened
+        except OSError:
+            pass
+        wait_image_free(kubelet, pod, image)
+        reply = kubelet.mount(pod, options, fs_type="ext4")
+        assert reply.status == "Success", f"retry after a kill at {delay * 1000:.0f} ms: {reply}"
+        assert findmnt(target)["source"].startswith("/dev/loop")
+        assert temp_images(image.parent) == [], f"after a kill at {delay * 1000:.0f} ms"
+        if digest:
+            assert checksum(target / "data.bin") == digest
+        assert kubelet.unmount(pod).status == "Success"
+        assert wait_until(lambda: not loops_for(image))
+        if phase == "new":
+            image.unlink()
+        delay += STEP
+    else:
+        pytest.fail(f"mount did not complete within {MAX_DELAY} s")
+    print(f"{phase}: killed {kills} mounts, the one started with {delay * 1000:.0f} ms completed")
+    assert kills >= 3  # else the sweep tested next to nothing
+    assert temp_images(image.parent) == []
+    if digest:
+        assert checksum(target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+
+
+def test_kill_during_unmount_then_retry(kubelet, share):
+    image = image_path(share)
+    options = new_volume(share)
+    pod = Pod("web")
+    target = kubelet.pod_dir(pod)
+    reply = kubelet.mount(pod, options)
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    delay, kills = 0.0, 0
+    while delay <= MAX_DELAY:
+        argv = kubelet.argv("unmount", target)
+        proc = kubelet.spawn("unmount", target, start_new_session=True)
+        killed = kill_after(proc, delay)
+        if not killed:
+            reply = finish(proc, argv)
+            assert reply.status == "Success", reply
+        else:
+            kills += 1
+            proc.stdout.close()
+        # kubelet: retry a failed unmount; after a Success, remove the dir (the harness does).
+        reply = kubelet.unmount(pod)
+        assert reply.status == "Success", f"retry after a kill at {delay * 1000:.0f} ms: {reply}"
+        assert wait_until(lambda: not loops_for(image))
+        reply = kubelet.mount(pod, options)
+        assert reply.status == "Success", reply
+        assert checksum(target / "data.bin") == digest
+        if not killed:
+            break
+        delay += UNMOUNT_STEP
+    else:
+        pytest.fail(f"unmount did not complete within {MAX_DELAY} s")
+    print(f"killed {kills} unmounts, the one started with {delay * 1000:.0f} ms completed")
+    assert kills >= 2  # else the sweep tested next to nothing
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+
+
+def slow_tool(tmp_path, tool: str, seconds: float) -> str:
+    """A PATH entry where *tool* sleeps first: a big volume's mkfs, at a 30 MiB one's cost."""
+    bindir = tmp_path / "slow-bin"
+    bindir.mkdir(exist_ok=True)
+    real = shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    (bindir / tool).write_text(f"#!/bin/sh\nsleep {seconds}\nexec {real} \"$@\"\n")
+    (bindir / tool).chmod(0o755)
+    return str(bindir)
+
+
+def test_kill_during_mkfs_of_a_new_volume_leaks_no_temporary_image(kubelet, share, tmp_path):
+    image = image_path(share)
+    pod = Pod("web")
+    target = kubelet.pod_dir(pod)
+    kubelet.prepare_for_mount(target)
+    raw = go_json(Kubelet.options(new_volume(share), fs_type="ext4", pod=pod))
+    path = slow_tool(tmp_path, "mkfs.ext4", 2.0) + ":" + kubelet.env["PATH"]
+    proc = kubelet.spawn("mount", target, raw, env={"PATH": path}, start_new_session=True)
+    try:
+        assert wait_until(lambda: image.parent.exists() and temp_images(image.parent), 10), \
+            "the driver never created its temporary image"
+        time.sleep(0.2)  # mkfs (the slow one) is running now
+        proc.send_signal(signal.SIGKILL)  # the driver only, as the OOM killer would
+        proc.wait()
+        proc.stdout.close()
+        try:
+            os.rmdir(target)
+        except OSError:
+            pass
+        time.sleep(0.5)  # kubelet's first backoff
+        reply = kubelet.mount(pod, new_volume(share), fs_type="ext4")
+        assert reply.status == "Success", reply
+    finally:
+        wait_for_session(proc.pid)  # the orphaned mkfs finishes on its temporary image
+    assert kubelet.unmount(pod).status == "Success"
+    assert wait_until(lambda: not loops_for(image))
+    reply = kubelet.mount(pod, new_volume(share), fs_type="ext4")
+    assert reply.status == "Success", reply
+    assert kubelet.unmount(pod).status == "Success"
+    assert temp_images(image.parent) == [], "a killed creator's temporary image stays forever"
+
+
+def test_kill_between_publishing_link_and_unlink_is_recovered(kubelet, share):
+    """Image.publish() links the temporary image to its final name, then unlinks the temporary
+    name. A kill between the two leaves both names on one inode: this is that state."""
+    image = image_path(share)
+    pod = Pod("web")
+    assert kubelet.mount(pod, new_volume(share)).status == "Success"
+    digest = write_data(kubelet.pod_dir(pod))
+    assert kubelet.unmount(pod).status == "Success"
+    assert wait_until(lambda: not loops_for(image))
+    leftover = image.parent / ".test.flexblock-4242-0badf00d"
+    os.link(image, leftover)
+    reply = kubelet.mount(pod, new_volume(share))
+    assert reply.status == "Success", reply
+    assert checksum(kubelet.pod_dir(pod) / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert temp_images(image.parent) == []
