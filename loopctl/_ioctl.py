@@ -127,6 +127,13 @@ def flush_buffers(fd: int, path: str) -> None:
     _call_int(fd, lib.BLKFLSBUF, 0, path, "BLKFLSBUF")
 
 
+def write_back(fd: int, path: str) -> None:
+    """sync_file_range(2) over the whole device: its dirty cache written out, no flush below."""
+    r = lib.fb_write_back(fd)
+    if r < 0:
+        raise error_from_errno(-r, path, "sync_file_range")
+
+
 def diskseq(fd: int, path: str) -> int:
     """BLKGETDISKSEQ (5.15+): a number that changes with every binding; 0 where unsupported."""
     seq = ffi.new("uint64_t *")
