@@ -80,6 +80,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--console", action="store_true")
     p.add_argument("--no-install", action="store_true")
     p.add_argument("--venv", type=Path, default=REPO / ".venv")
+    p.add_argument("--script", type=Path, metavar="FILE",
+                   help="run this Python script in the VM (e.g. a benchmark) instead of "
+                        "pytest; the remaining arguments go to it")
     if "--" in argv:
         i = argv.index("--")
         return p.parse_args(argv[:i]), argv[i + 1:]
@@ -226,18 +229,22 @@ def main(argv: list[str]) -> int:
         fail("qemu-system-x86_64 not found: run tests/vm/install.sh")
     kernel = find_kernel()
 
-    files = collect_on_host(python, pytest_args, deadline)
-    if not files:
-        say(f"no vm tests collected (pytest -m vm {shlex.join(pytest_args)}): nothing to run "
-            "in the VM (exit 0)")
-        return 0
-    if not names_tests(pytest_args):
-        pytest_args = [*pytest_args, *files]
+    if opts.script is not None:
+        request = {"script": [str(opts.script.resolve()), *pytest_args]}
+    else:
+        files = collect_on_host(python, pytest_args, deadline)
+        if not files:
+            say(f"no vm tests collected (pytest -m vm {shlex.join(pytest_args)}): nothing to "
+                "run in the VM (exit 0)")
+            return 0
+        if not names_tests(pytest_args):
+            pytest_args = [*pytest_args, *files]
+        request = {"pytest_args": pytest_args}
 
     xchg = Path(tempfile.mkdtemp(prefix="flexblock-vm-"))
     console_fd, console_log = tempfile.mkstemp(prefix="flexblock-vm-console-", suffix=".log")
     console = os.fdopen(console_fd, "wb", buffering=0)
-    (xchg / "args.json").write_text(json.dumps({"pytest_args": pytest_args}))
+    (xchg / "args.json").write_text(json.dumps(request))
     exports = cached_exports(python)
     qemu_opts = []
     for tag, path in exports:
@@ -375,7 +382,7 @@ def main(argv: list[str]) -> int:
         os.unlink(console_log)
     else:
         say(f"the guest console is kept in {console_log}")
-    if status == NO_TESTS:
+    if status == NO_TESTS and opts.script is None:
         fail(f"the host collected vm tests in {', '.join(files)} but the VM's pytest collected "
              "none")
     if "passed" in result:
