@@ -23,9 +23,8 @@ import sys
 import tempfile
 import time
 
-import loopctl
-
 from flexvolume import install, mounts
+from flexvolume.demo import cleanup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_REFERENCE = os.path.join(HERE, "seed_reference.sh")
@@ -40,16 +39,6 @@ def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     if result.returncode != 0 or b'"Success"' not in result.stdout and argv[-1] != "pass":
         raise SystemExit(f"{' '.join(argv[:2])} failed: {result.stdout.decode()}")
     return elapsed
-
-
-def _cleanup(work: str) -> None:
-    for entry in sorted(mounts.mount_table(), key=lambda e: -len(e.mount_point)):
-        if entry.mount_point.startswith(work + "/"):
-            mounts.unmount(entry.mount_point)
-    for device in loopctl.list_devices():
-        if (device.backing_file or "").startswith(work + "/"):
-            device.detach()
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
@@ -85,7 +74,7 @@ def main() -> int:
                                        + _timed([SEED_REFERENCE, "unmount", pod]))
         median = {k: statistics.median(v) for k, v in samples.items() if v}
     finally:
-        _cleanup(work)
+        cleanup(work)
 
     print(f"driver call latency, median of {args.rounds} interleaved rounds (ms)")
     print(f"  bare interpreter start   {median['bare']:8.1f}")

@@ -101,7 +101,7 @@ def _read_files(root: str, count: int) -> str:
     return digest.hexdigest()
 
 
-def _cleanup(work: str) -> None:
+def cleanup(work: str) -> None:
     """Undo whatever the demo left: mounts below *work* (deepest first), then loop devices
     whose image lives there, then the work directory."""
     for entry in sorted(mounts.mount_table(), key=lambda e: -len(e.mount_point)):
@@ -155,7 +155,7 @@ def main() -> int:
             sys.stdout.write("".join(f"  {line}" for line in log))
         return 0 if same else 1
     finally:
-        _cleanup(work)
+        cleanup(work)
 
 
 if __name__ == "__main__":

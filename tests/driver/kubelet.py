@@ -45,12 +45,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 import loopctl
 from flexvolume import install as flex_install
+
+from helpers import wait_until  # noqa: F401  (tests/helpers.py; re-exported to the tests)
 
 DRIVER = "flexblock/loop"
 ALIAS = "kvaps/loop"
@@ -303,15 +304,6 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 def run(*cmd: str | os.PathLike, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([os.fspath(c) for c in cmd], check=check, capture_output=True,
                           text=True, timeout=CALL_TIMEOUT, **kwargs)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def is_under(path: str | os.PathLike, root: str | os.PathLike) -> bool:
