@@ -7,7 +7,6 @@ lane itself works.
 
 from __future__ import annotations
 
-import errno
 import os
 import platform
 import subprocess
@@ -54,17 +53,12 @@ def test_nfs_server_module_and_filesystem():
     assert Path("/proc/fs/nfsd").is_dir()
 
 
-def test_scratch_and_repo(tmp_path):
+def test_scratch_is_the_guests_tmpfs(tmp_path):
+    # Whether the repository is writable in the guest depends on where it lives (virtme-ng
+    # overlays /tmp, where a CI clone may be): tests write only to the scratch tmpfs.
     assert tmp_path.is_relative_to(scratch())
     (tmp_path / "f").write_text("x")
-    probe = Path(__file__).resolve().parent.parent / ".vm-lane-write-probe"
-    try:
-        probe.write_text("x")
-    except OSError as e:
-        assert e.errno == errno.EROFS, e  # the host's root, the repository with it, is read-only
-    else:
-        probe.unlink()
-        pytest.fail("the repository is writable from the VM")
+    assert os.stat(scratch()).st_dev != os.stat("/").st_dev
 
 
 def test_loop_device_with_ext4_roundtrip(tmp_path):
