@@ -1,0 +1,17 @@
+"""ext2/3/4 online growth in the real-kernel lane: resize2fs needs CAP_SYS_RESOURCE, which the
+host sandbox withholds (there those cases skip), and the lane's guest has."""
+
+import pytest
+
+from kubelet import MiB, kubelet, new_volume, share  # noqa: F401
+from test_flexvolume_expand import grow_and_check
+from vm.lane import vm_only
+
+pytestmark = [pytest.mark.vm, vm_only]
+
+
+@pytest.mark.parametrize("with_file", [True, False], ids=["spec", "after-restart"])
+def test_ext4_online_expandfs(kubelet, share, with_file):
+    old = 64 * MiB
+    user = new_volume(share, size="64Mi") if with_file else {}
+    grow_and_check(kubelet, share, "ext4", user, old=old, new=2 * old)
