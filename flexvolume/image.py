@@ -19,7 +19,7 @@ import stat
 
 import loopctl
 
-from . import mounts
+from . import _faultpoint, mounts
 from .errors import DriverError
 
 ALLOWED_ROOTS_ENV = "FLEXBLOCK_ALLOWED_ROOTS"
@@ -121,6 +121,7 @@ class Image:
         except FileExistsError:
             raise DriverError(f"{self.path} was created concurrently by another mount; "
                               "retrying will use it") from None
+        _faultpoint.reached("publish-link")
         os.unlink(self.temp_name, dir_fd=self.dir_fd)
         self.temp_name = None
         fd = os.open(self.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
@@ -263,6 +264,7 @@ def _create(dir_fd: int, name: str, display: str, size: int, allocate: bool) -> 
     try:
         # Locked from birth, so that _remove_abandoned_temps can tell it is alive.
         loopctl.lock_image(fd, path=display)
+        _faultpoint.reached("create")
         if allocate:
             os.posix_fallocate(fd, 0, size)
         else:
@@ -271,4 +273,5 @@ def _create(dir_fd: int, name: str, display: str, size: int, allocate: bool) -> 
         image.discard()
         os.close(fd)
         raise DriverError(f"cannot allocate {size} bytes for {display}: {e.strerror}") from None
+    _faultpoint.reached("allocate")
     return image

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import loopctl
 
-from . import filesystem, image, mounts, options
+from . import _faultpoint, filesystem, image, mounts, options
 from .errors import DriverError, OptionError
 
 EXT_FAMILY = ("ext2", "ext3", "ext4")
@@ -57,7 +57,9 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             if opts.allocate:
                 # mke2fs discards (punches holes in) the file it formats: allocate again.
                 os.posix_fallocate(img.fd, 0, opts.size)
+            _faultpoint.reached("mkfs")
             img.publish(lock=opts.lock)
+            _faultpoint.reached("publish")
         elif opts.size and not opts.read_only and os.fstat(img.fd).st_size < opts.size:
             raise DriverError(f"{img.path} is smaller than size {opts.size}; grow it by resizing "
                               "the volume (expandfs), or ask for its current size")
@@ -66,8 +68,10 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
         except loopctl.ImageBusy as e:
             raise DriverError(f"{img.path} is in use ({e.holder}); a volume can be mounted "
                               "read-write by one pod at a time") from None
+        _faultpoint.reached("attach")
         try:
             fs_type = _prepare_filesystem(device, img, opts)
+            _faultpoint.reached("prepare")
             os.makedirs(target, 0o750, exist_ok=True)
             flags, data = mounts.mount_arguments(fs_type, opts.mount_options, opts.read_only)
             try:
@@ -75,11 +79,13 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             except OSError as e:
                 raise DriverError(f"mounting {img.path} ({fs_type}) at {target}: "
                                   f"{e.strerror}") from None
+            _faultpoint.reached("mount")
             try:
                 _apply_fs_group(target, opts)
             except BaseException:
                 mounts.unmount(target)
                 raise
+            _faultpoint.reached("fs-group")
         except BaseException:
             device.detach()
             raise
@@ -147,6 +153,7 @@ def unmount(target: str, backend: ModuleType) -> str:
         mounts.unmount(target)
     except OSError as e:
         raise DriverError(f"unmounting {target}: {e.strerror}") from None
+    _faultpoint.reached("unmount")
     # Autoclear unbinds our devices at the last close; this covers devices bound without it
     # (by older drivers, or by hand), once nothing else mounts them.
     if device is not None and not mounts.mounts_of(current.devno):
@@ -192,8 +199,11 @@ def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleT
             except OSError as e:
                 raise DriverError(f"growing {img.path} to {new_size} bytes: {e.strerror}") \
                     from None
+            _faultpoint.reached("grow-image")
         device.resize()
+        _faultpoint.reached("grow-device")
     filesystem.grow(current.fs_type, device.path, target)
+    _faultpoint.reached("grow-fs")
     return f"grew {target} on {device.path} to {device.size} bytes"
 
 

@@ -1,22 +1,28 @@
-"""A driver killed at any point of mount or unmount (OOM killer, node shutdown, kubelet
-restart) must leave a state that kubelet's retry turns into Success, with nothing leaked.
+"""A driver killed at any point of mount, unmount or expandfs (OOM killer, node shutdown,
+kubelet restart) must leave a state that kubelet's retry turns into Success, with nothing
+leaked and the data written before the kill intact.
 
 The sweeps SIGKILL the driver after increasing delays until a call completes before the kill.
-Each driver runs in a session of its own, so that what it started (mkfs, blkid, e2fsck) can be
-found and waited for after its death; kubelet retries after 500 ms at the earliest, by which
-time such children have long finished at these sizes.
+The step tests kill it at each named step instead, every time: right after a Python step
+(flexvolume/_faultpoint.py, armed by an environment variable), or as a tool it runs starts (a
+PATH entry whose tool kills its parent, the driver, and then runs the real one, which dies with
+it). Each driver runs in a session of its own, so that what it started (mkfs, blkid, e2fsck) can
+be found after its death: none may outlive it.
 """
 
 import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from kubelet import (Kubelet, Pod, assert_released, check_reply, checksum, findmnt, go_json,
-                     image_path, is_mount_point, kubelet, loops_for, new_volume,  # noqa: F401
-                     share, temp_images, wait_for_session, wait_until, write_data)
+from flexvolume import _faultpoint
+from kubelet import (MIN_SIZE, Kubelet, MiB, Pod, assert_released, check_reply,  # noqa: F401
+                     checksum, df_size, findmnt, go_json, image_path, is_mount_point, kubelet,
+                     loops_for, needs_ext_online_resize, new_volume, run, session_members, share,
+                     temp_images, wait_for_session, wait_until, write_data)
 
 STEP = 0.002       # s between kill delays (mount)
 UNMOUNT_STEP = 0.001
@@ -201,3 +207,169 @@ def test_kill_between_publishing_link_and_unlink_is_recovered(kubelet, share):
     assert checksum(kubelet.pod_dir(pod) / "data.bin") == digest
     assert kubelet.unmount(pod).status == "Success"
     assert temp_images(image.parent) == []
+
+
+# -- a kill at each step --------------------------------------------------------------------------
+FS_GROUP = 4321
+TOOL_DIRS = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+def killing_tool(tmp_path, tool: str) -> str:
+    """A PATH entry where *tool* SIGKILLs its parent (the driver), then runs the real one. The
+    driver makes its tools die with it, so the real tool is killed too, wherever it got to."""
+    bindir = tmp_path / f"kill-{tool}"
+    bindir.mkdir()
+    real = shutil.which(tool, path=TOOL_DIRS)
+    (bindir / tool).write_text(f"#!/bin/sh\nkill -KILL $PPID\nexec {real} \"$@\"\n")
+    (bindir / tool).chmod(0o755)
+    return f"{bindir}:{TOOL_DIRS}"
+
+
+def fault_env(tmp_path, fault: str) -> dict[str, str]:
+    """The environment that kills the driver at *fault*: a fault point or "tool:NAME"."""
+    kind, _, name = fault.partition(":")
+    if kind == "tool":
+        return {"PATH": killing_tool(tmp_path, name)}
+    return {_faultpoint.ENV: fault}
+
+
+def call_killed(kubelet, tmp_path, fault, command, *args):
+    """Run one call that must die of SIGKILL at *fault*, and leave no process of its own."""
+    argv = kubelet.argv(command, *args)
+    proc = kubelet.spawn(command, *args, env=fault_env(tmp_path, fault), start_new_session=True)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, \
+        f"{fault} was never reached: {check_reply(argv, proc.returncode, output, 0.0)}"
+    assert output == b"", "a killed driver answered anyway"
+    left = wait_until(lambda: not session_members(proc.pid), 10)
+    wait_for_session(proc.pid)
+    assert left, f"processes outlived the driver killed at {fault}"
+
+
+def kill_mount(kubelet, tmp_path, pod, options, fault):
+    """A mount killed at *fault*, then kubelet's clean-up of the pod dir."""
+    target = kubelet.pod_dir(pod)
+    kubelet.prepare_for_mount(target)
+    raw = go_json(Kubelet.options(options, fs_type="ext4", pod=pod, fs_group=FS_GROUP))
+    call_killed(kubelet, tmp_path, fault, "mount", target, raw)
+    if not is_mount_point(target):
+        os.rmdir(target)  # kubelet after a failed mount
+        image = image_path(Path(options["share"]))
+        assert wait_until(lambda: not loops_for(image)), f"{image} still bound after the kill"
+
+
+def retry_mount(kubelet, pod, options, fault, digest):
+    """Kubelet's retry: Success, the volume whole (data, fsGroup), no temporary image left."""
+    reply = kubelet.mount(pod, options, fs_type="ext4", fs_group=FS_GROUP)
+    assert reply.status == "Success", f"retry after a kill at {fault}: {reply}"
+    assert findmnt(reply.target)["source"].startswith("/dev/loop")
+    st = os.stat(reply.target)
+    assert (st.st_gid, st.st_mode & 0o2070) == (FS_GROUP, 0o2070), \
+        f"after a kill at {fault} the volume root is not the fsGroup's"
+    if digest:
+        assert checksum(reply.target / "data.bin") == digest
+    assert temp_images(image_path(Path(options["share"])).parent) == []
+    return reply
+
+
+def make_volume(kubelet, share, options, *, blank=False):
+    """An existing volume holding data.bin (its sha256), or a blank (all-zero) image."""
+    image = image_path(share)
+    if blank:
+        image.parent.mkdir()
+        with open(image, "xb") as f:
+            f.truncate(30 * MiB)
+        return None
+    pod = Pod("creator")
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    assert kubelet.unmount(pod).status == "Success"
+    assert wait_until(lambda: not loops_for(image))
+    return digest
+
+
+MOUNT_STEPS = {
+    # volume -> the steps a mount of it goes through
+    "new": ["create", "allocate", "tool:mkfs.ext4", "mkfs", "publish-link", "publish", "attach",
+            "prepare", "mount", "fs-group"],
+    "existing": ["attach", "prepare", "mount", "fs-group"],
+    "unclean": ["tool:fsck.ext4", "prepare"],
+    "without-mmp": ["tool:tune2fs", "prepare"],
+    "blank": ["tool:blkid", "tool:mkfs.ext4", "prepare"],
+}
+
+
+@pytest.mark.parametrize("volume,fault", [(v, f) for v, steps in MOUNT_STEPS.items()
+                                          for f in steps])
+def test_mount_killed_at_each_step_then_retried(kubelet, share, tmp_path, volume, fault):
+    options = new_volume(share, mmp="false", allocate="true")
+    digest = None
+    if volume != "new":
+        digest = make_volume(kubelet, share, options, blank=volume == "blank")
+    if volume == "unclean":
+        run("debugfs", "-w", "-R", "ssv state 0", image_path(share))
+    if volume == "without-mmp":
+        options["mmp"] = "true"
+    pod = Pod("web")
+    kill_mount(kubelet, tmp_path, pod, options, fault)
+    retry_mount(kubelet, pod, options, fault, digest)
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    # ... and the volume mounts again as it was left.
+    reply = retry_mount(kubelet, pod, options, fault, digest)
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    assert image_path(share).stat().st_size == 30 * MiB
+    assert reply.status == "Success"
+
+
+def test_unmount_killed_after_umount_then_retried(kubelet, share, tmp_path):
+    options = new_volume(share, mmp="false")
+    pod = Pod("web")
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    call_killed(kubelet, tmp_path, "unmount", "unmount", reply.target)
+    assert not is_mount_point(reply.target)
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+
+
+GROW_TOOL = {"ext4": "resize2fs", "xfs": "xfs_growfs"}
+
+
+@pytest.mark.parametrize("fault", ["grow-image", "grow-device", "tool", "grow-fs"])
+@pytest.mark.parametrize("fs_type", [pytest.param("ext4", marks=needs_ext_online_resize), "xfs"])
+def test_expandfs_killed_at_each_step_then_retried(kubelet, share, tmp_path, fs_type, fault):
+    old = MIN_SIZE[fs_type]
+    new = old + 64 * MiB
+    options = new_volume(share, size=f"{old // MiB}Mi", mmp="false")
+    pod = Pod("web")
+    reply = kubelet.mount(pod, options, fs_type=fs_type)
+    assert reply.status == "Success", reply
+    target = reply.target
+    digest = write_data(target)
+    before = df_size(target)
+    if fault == "tool":
+        fault = f"tool:{GROW_TOOL[fs_type]}"
+    raw = go_json(Kubelet.options(options, fs_type=fs_type))
+    call_killed(kubelet, tmp_path, fault, "expandfs", raw, "", target, str(new), str(old))
+    assert checksum(target / "data.bin") == digest
+    reply = kubelet.expandfs(target, options, new, old, fs_type=fs_type)
+    assert reply.status == "Success", f"retry after a kill at {fault}: {reply}"
+    assert df_size(target) >= before + 0.9 * (new - old)
+    assert image_path(share).stat().st_size == new
+    assert checksum(target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    reply = kubelet.mount(pod, options, fs_type=fs_type)
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
