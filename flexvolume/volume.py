@@ -44,6 +44,8 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             device = backend.device_for(current)
             if device is None or not _same_image(device, img.fd):
                 raise DriverError(f"{target} already has another filesystem mounted")
+        # A driver killed between mount(2) and the fsGroup step left it mounted: finish that.
+        _apply_fs_group(target, opts)
         return f"{img.path} already mounted at {target}"
 
     with image.open_image(root, parts, read_only=opts.read_only, size=opts.size,
