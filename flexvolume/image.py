@@ -25,6 +25,7 @@ from .errors import DriverError
 ALLOWED_ROOTS_ENV = "FLEXBLOCK_ALLOWED_ROOTS"
 ALLOWED_ROOTS_FILE = "/etc/flexblock/allowed-roots"
 _TEMP_MARK = ".flexblock-"
+_FORMATTING_XATTR = "user.flexblock.formatting"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -136,6 +137,33 @@ class Image:
                 loopctl.lock_image(fd, path=self.path)
             except loopctl.ImageBusy as e:
                 raise DriverError(f"{self.path} is in use ({e.holder})") from None
+
+    def mark_formatting(self, on: bool) -> None:
+        """Mark (or unmark) an existing image as being formatted in place.
+
+        mkfs writes the superblock last: killed half-way, it leaves data and no signature, which
+        the driver must not take for a blank image again (it could be anyone's data) and would
+        refuse for ever. The mark, an extended attribute of the image file, is set before mkfs
+        and removed after it, before anything mounts the volume; on a share without user
+        extended attributes there is no mark, and such an image needs an administrator.
+        """
+        try:
+            if on:
+                os.setxattr(self.fd, _FORMATTING_XATTR, b"1")
+            else:
+                os.removexattr(self.fd, _FORMATTING_XATTR)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.ENODATA):
+                raise DriverError(f"cannot mark {self.path} as being formatted: {e.strerror}") \
+                    from None
+
+    def formatting_interrupted(self) -> bool:
+        """Whether a format of this image in place was killed before it finished."""
+        try:
+            os.getxattr(self.fd, _FORMATTING_XATTR)
+        except OSError:
+            return False
+        return True
 
     def discard(self) -> None:
         """Remove a new image that was never published."""

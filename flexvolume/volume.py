@@ -97,21 +97,28 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
 
 def _prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -> str:
     """Make sure *device* holds a filesystem we may mount; returns its type."""
-    fs_type = filesystem.signature(device.fileno())
-    if fs_type is None:
-        found = filesystem.probe(device.path)
-        fs_type = found.get("TYPE")
+    # What an image marked as being formatted holds is our own half-made filesystem, never
+    # mounted (a mount killed in mkfs): it is made again.
+    redo = not opts.read_only and img.formatting_interrupted()
+    fs_type, found = None, {}
+    if not redo:
+        fs_type = filesystem.signature(device.fileno())
+        if fs_type is None:
+            found = filesystem.probe(device.path)
+            fs_type = found.get("TYPE")
     if fs_type is None:
         if found:
             what = found.get("PTTYPE", "data") + (" partition table" if "PTTYPE" in found else "")
             raise DriverError(f"{img.path} holds a {what}, not a filesystem; refusing to format it")
         if opts.read_only:
             raise DriverError(f"{img.path} holds no filesystem and is to be mounted read-only")
-        if not filesystem.is_blank(img.fd):
+        if not redo and not filesystem.is_blank(img.fd):
             raise DriverError(f"{img.path} holds data but no recognised filesystem; refusing to "
                               "format it")
         fs_type = opts.fs_type or options.DEFAULT_FS_TYPE
+        img.mark_formatting(True)
         filesystem.mkfs(device.path, fs_type, mmp=opts.mmp, mmp_interval=opts.mmp_update_interval)
+        img.mark_formatting(False)
         return fs_type
     if fs_type not in MOUNTABLE:
         raise DriverError(f"{img.path} holds {fs_type}, which this driver does not mount")

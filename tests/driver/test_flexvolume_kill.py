@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flexvolume import _faultpoint
-from kubelet import (MIN_SIZE, Kubelet, MiB, Pod, assert_released, check_reply,  # noqa: F401
+from kubelet import (MIN_SIZE, GiB, Kubelet, MiB, Pod, assert_released, check_reply,  # noqa: F401
                      checksum, df_size, findmnt, go_json, image_path, is_mount_point, kubelet,
                      loops_for, needs_ext_online_resize, new_volume, run, session_members, share,
                      temp_images, wait_for_session, wait_until, write_data)
@@ -373,3 +373,54 @@ def test_expandfs_killed_at_each_step_then_retried(kubelet, share, tmp_path, fs_
     assert checksum(reply.target / "data.bin") == digest
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
+
+
+def test_kill_half_way_through_formatting_a_blank_image_then_retried(kubelet, share, tmp_path):
+    """mkfs writes the superblock last: killed half-way, it leaves data and no signature, which
+    must not make the driver refuse the volume for ever as "data it does not recognise"."""
+    image = image_path(share)
+    image.parent.mkdir()
+    # The kill comes as soon as anything mkfs wrote reached the image: usually before the
+    # superblock (mkfs.ext4 writes ~30 MiB on 1 GiB), but the device's writeback decides.
+    bindir = tmp_path / "half-mkfs"
+    bindir.mkdir()
+    real = shutil.which("mkfs.ext4", path=TOOL_DIRS)
+    (bindir / "mkfs.ext4").write_text(
+        f"#!/bin/sh\n(while [ \"$(stat -c %b {image})\" = 0 ]; do :; done; kill -KILL $PPID) &\n"
+        f"exec {real} \"$@\"\n")
+    (bindir / "mkfs.ext4").chmod(0o755)
+    options = new_volume(share, mmp="false")
+    pod = Pod("web")
+    target = kubelet.pod_dir(pod)
+    for attempt in range(10):
+        image.unlink(missing_ok=True)
+        with open(image, "xb") as f:
+            f.truncate(GiB)
+        kubelet.prepare_for_mount(target)
+        raw = go_json(Kubelet.options(options, fs_type="ext4", pod=pod))
+        proc = kubelet.spawn("mount", target, raw, env={"PATH": f"{bindir}:{TOOL_DIRS}"},
+                             start_new_session=True)
+        proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+        assert wait_until(lambda: not session_members(proc.pid), 10), "mkfs outlived the driver"
+        os.rmdir(target)
+        assert wait_until(lambda: not loops_for(image))
+        if run("blkid", "-p", image, check=False).returncode == 2:
+            break  # data, no signature: the state under test
+    else:
+        pytest.fail("mkfs finished before the kill 10 times: this test tested nothing")
+    assert image.stat().st_blocks > 0
+    print(f"mkfs killed half-way at attempt {attempt + 1}")
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    assert findmnt(reply.target)["fstype"] == "ext4"
+    write_data(reply.target)
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    assert run("e2fsck", "-fn", image, check=False).returncode == 0
+    # Formatted and mounted once, the image is data: a lost superblock is refused, not formatted.
+    with open(image, "r+b") as f:
+        f.seek(1024)
+        f.write(bytes(1024))
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Failure" and "refusing to format" in reply.message, reply
