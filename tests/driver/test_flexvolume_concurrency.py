@@ -6,7 +6,7 @@ import os
 import pytest
 
 from kubelet import (MIN_SIZE, Kubelet, MiB, Pod, assert_released, check_reply, checksum, go_json,
-                     image_path, kubelet, loops_for, new_volume, share,  # noqa: F401
+                     image_path, kubelet, loops_for, new_volume, run, share,  # noqa: F401
                      temp_images, wait_until, write_data)
 
 
@@ -77,3 +77,71 @@ def test_allocate_preallocates_the_image(kubelet, share, fs_type):
     print(f"{fs_type}: {st.st_blocks * 512} of {size} bytes allocated")
     assert st.st_blocks * 512 >= size, "mkfs discarded (punched out) the preallocated blocks"
     assert kubelet.unmount(pod).status == "Success"
+
+
+def busy_or_raced(message: str) -> bool:
+    return "in use" in message or "concurrently" in message
+
+
+def test_32_pods_mounting_32_new_volumes_at_once(kubelet, share):
+    """A node starting 32 pods at once: every volume is created, formatted and mounted on a
+    device of its own, and each holds what its pod wrote."""
+    pods = [Pod(f"pod-{i}") for i in range(32)]
+    replies = start_mounts(kubelet, pods, lambda pod: new_volume(share, pod.name, mmp="false"))
+    assert all(r.status == "Success" for r in replies.values()), \
+        [r for r in replies.values() if r.status != "Success"]
+    assert len({os.stat(kubelet.pod_dir(pod)).st_dev for pod in pods}) == len(pods)
+    digests = {pod: write_data(kubelet.pod_dir(pod), seed=i) for i, pod in enumerate(pods)}
+    for pod in pods:
+        assert len(loops_for(image_path(share, pod.name))) == 1
+    unmounts = [(pod, kubelet.argv("unmount", kubelet.pod_dir(pod)),
+                 kubelet.spawn("unmount", kubelet.pod_dir(pod))) for pod in pods]
+    for pod, argv, proc in unmounts:
+        output, _ = proc.communicate(timeout=120)
+        assert check_reply(argv, proc.returncode, output, 0.0).status == "Success"
+        os.rmdir(kubelet.pod_dir(pod))
+    assert_released(kubelet, share)
+    assert temp_images(image_path(share).parent) == []
+    for pod in pods[::8]:  # the data went to the right images
+        reply = kubelet.mount(pod, new_volume(share, pod.name, mmp="false"))
+        assert reply.status == "Success", reply
+        assert checksum(reply.target / "data.bin") == digests[pod]
+        assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+
+
+@pytest.mark.parametrize("volume", ["new", "existing"])
+def test_8_pods_mounting_one_volume_at_once(kubelet, share, volume):
+    """Eight pods on one node asking for one read-write volume: exactly one gets it, the seven
+    others a Failure that says why, and nothing of theirs is left behind."""
+    image = image_path(share)
+    digest = None
+    if volume == "existing":
+        creator = Pod("creator")
+        reply = kubelet.mount(creator, new_volume(share, mmp="false"))
+        assert reply.status == "Success", reply
+        digest = write_data(reply.target)
+        assert kubelet.unmount(creator).status == "Success"
+        assert wait_until(lambda: not loops_for(image))
+    pods = [Pod(f"pod-{i}") for i in range(8)]
+    replies = start_mounts(kubelet, pods, lambda pod: new_volume(share, mmp="false"))
+    winners = [pod for pod, r in replies.items() if r.status == "Success"]
+    assert len(winners) == 1, replies
+    for pod, reply in replies.items():
+        if pod not in winners:
+            assert busy_or_raced(reply.message), reply
+            assert not kubelet.pod_dir(pod).exists()
+    assert len(loops_for(image)) == 1
+    assert temp_images(image.parent) == []
+    winner = kubelet.pod_dir(winners[0])
+    if digest:
+        assert checksum(winner / "data.bin") == digest
+    digest = write_data(winner, "winner.bin")
+    assert kubelet.unmount(winners[0]).status == "Success"
+    assert_released(kubelet, share)
+    reply = kubelet.mount(pods[0], new_volume(share, mmp="false"))  # a loser's retry
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "winner.bin") == digest
+    assert kubelet.unmount(pods[0]).status == "Success"
+    assert_released(kubelet, share)
+    assert run("e2fsck", "-fn", image, check=False).returncode == 0
