@@ -107,6 +107,8 @@ def parse(raw: str) -> VolumeOptions:
         data = json.loads(raw)
     except ValueError as e:
         raise OptionError("<json>", f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise OptionError("<json>", "nested too deeply to be the options object") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise OptionError("<json>", "must be an object whose values are strings")
     user: dict[str, str] = {}
@@ -161,7 +163,7 @@ def redacted(raw: str) -> str:
     """The options JSON for a log line, with every secret's value replaced."""
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "<options not valid JSON>"
     if isinstance(data, dict):
         data = {k: "<redacted>" if str(k).startswith(SECRET_PREFIX) else v

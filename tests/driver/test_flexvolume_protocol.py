@@ -84,7 +84,8 @@ def test_driver_installed_under_an_unknown_name_fails_init_in_json(kubelet):
 
 
 @pytest.mark.parametrize("raw", ["", "not json", "[]", '{"file": 1}', '{"file": "/x"',
-                                 '"string"', "null"])
+                                 '"string"', "null", "[" * 100000, '{"a":' * 20000],
+                         ids=lambda raw: raw[:12])
 def test_options_that_are_not_a_json_object_of_strings_fail_cleanly(kubelet, tmp_path, raw):
     reply = kubelet.mount_raw(tmp_path / "pod", raw)
     assert reply.status == "Failure"
