@@ -128,14 +128,15 @@ def mount_arguments(fs_type: str, words: tuple[str, ...], read_only: bool) -> tu
 
 
 def mount(source: str, target: str, fs_type: str, flags: int, data: str) -> None:
-    r = lib.fb_mount(source.encode(), target.encode(), fs_type.encode(), flags | lib.MS_SILENT,
-                     data.encode() if data else ffi.NULL)
+    # fsencode: paths are bytes to the kernel; kubelet's may hold any (Python's surrogates).
+    r = lib.fb_mount(os.fsencode(source), os.fsencode(target), fs_type.encode(),
+                     flags | lib.MS_SILENT, data.encode() if data else ffi.NULL)
     if r < 0:
         raise OSError(-r, os.strerror(-r), target)
 
 
 def unmount(target: str) -> None:
     """umount2 without following a symlink planted at *target*; EINVAL means not mounted."""
-    r = lib.fb_umount(target.encode(), lib.UMOUNT_NOFOLLOW)
+    r = lib.fb_umount(os.fsencode(target), lib.UMOUNT_NOFOLLOW)
     if r < 0 and r != -errno.EINVAL:
         raise OSError(-r, os.strerror(-r), target)

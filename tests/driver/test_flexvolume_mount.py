@@ -10,9 +10,9 @@ import struct
 import pytest
 
 from kubelet import (ALIAS, ALLOWED_ROOTS_ENV, GiB, MIN_SIZE, MiB, Pod, assert_released,
-                     checksum, dumpe2fs, findmnt, image_path, kubelet, loop_of_mount,  # noqa: F401
-                     loops_for, losetup, new_volume, run, share, temp_images, wait_until,
-                     write_data)
+                     checksum, dumpe2fs, findmnt, image_path, is_mount_point, kubelet,  # noqa: F401
+                     loop_of_mount, loops_for, losetup, new_volume, run, share, temp_images,
+                     wait_until, write_data)
 
 
 def check_mounted(reply, image, fs_type, *, read_only=False):
@@ -456,6 +456,21 @@ def test_kubelet_root_behind_a_symlink(kubelet, share, tmp_path):
     reply = kubelet.unmount(pod)  # the harness raises if the dir is still mounted
     assert reply.status == "Success", reply
     assert wait_until(lambda: not loops_for(image_path(share)))
+
+
+@pytest.mark.parametrize("name", ["v o\tl", "v\nl", "v\\040l", "\udcff\udcfe", "é"],
+                         ids=["blanks", "newline", "backslash", "not-utf8", "utf8"])
+def test_mount_dirs_named_with_any_bytes(kubelet, share, name):
+    """Names mountinfo escapes, or that no UTF-8 decoder accepts (Python: lone surrogates)."""
+    pod = Pod("web")
+    target = kubelet.pod_dir(pod).parent / name
+    reply = kubelet.mount(pod, new_volume(share), target=target)
+    assert reply.status == "Success", reply
+    assert is_mount_point(target)
+    again = kubelet.mount(pod, new_volume(share), target=target)
+    assert again.status == "Success" and "already mounted" in again.message, again
+    assert kubelet.unmount(target=target).status == "Success"
+    assert_released(kubelet, share)
 
 
 # -- the image vanishing under a mounted volume ---------------------------------------------------
