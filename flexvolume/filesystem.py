@@ -30,6 +30,7 @@ _EXT_COMPAT_HAS_JOURNAL = 0x0004         # s_feature_compat, 0x5C
 _EXT_INCOMPAT_RECOVER = 0x0004           # s_feature_incompat (0x60): journal needs replay
 _EXT_INCOMPAT_JOURNAL_DEV = 0x0008       # an external journal, not a filesystem
 _EXT_INCOMPAT_MMP = 0x0100
+_EXT_INCOMPAT_64BIT = 0x0080             # s_blocks_count_hi (0x150) is in use
 _EXT3_INCOMPAT = 0x0002 | 0x0004 | 0x0010  # FILETYPE, RECOVER, META_BG
 _EXT3_RO_COMPAT = 0x0001 | 0x0002 | 0x0004  # s_feature_ro_compat (0x64): SPARSE_SUPER,
 #                                             LARGE_FILE, BTREE_DIR
@@ -60,6 +61,25 @@ def signature(fd: int) -> str | None:
     if os.pread(fd, 8, _BTRFS_SB_OFFSET + 0x40) == _BTRFS_MAGIC:
         return "btrfs"
     return None
+
+
+def declared_size(fd: int, fs_type: str) -> int:
+    """The bytes the filesystem on *fd* spans by its own superblock: more than the device has
+    means the image was truncated (or the superblock is damaged)."""
+    if fs_type in ("ext2", "ext3", "ext4"):
+        sb = os.pread(fd, 1024, _EXT_SB_OFFSET)
+        # s_blocks_count_lo, s_log_block_size, s_feature_incompat, s_blocks_count_hi
+        blocks, = struct.unpack_from("<I", sb, 0x04)
+        log_block_size, = struct.unpack_from("<I", sb, 0x18)
+        incompat, = struct.unpack_from("<I", sb, 0x60)
+        if incompat & _EXT_INCOMPAT_64BIT:
+            blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+        return blocks * (1024 << min(log_block_size, 16))
+    if fs_type == "xfs":
+        block_size, data_blocks = struct.unpack_from(">IQ", os.pread(fd, 16, 0), 4)
+        return block_size * data_blocks  # sb_blocksize, sb_dblocks
+    total, = struct.unpack_from("<Q", os.pread(fd, 8, _BTRFS_SB_OFFSET + 0x70))  # total_bytes
+    return total
 
 
 def run(argv: list[str], what: str, *, timeout: float = TOOL_TIMEOUT,

@@ -125,6 +125,10 @@ def _prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -
     requested = opts.fs_type
     if requested and requested != fs_type and not (requested == "ext4" and fs_type in EXT_FAMILY):
         raise DriverError(f"{img.path} holds {fs_type}, not the requested {requested}")
+    needed = filesystem.declared_size(device.fileno(), fs_type)
+    if needed > device.size:
+        raise DriverError(f"{img.path} has {device.size} bytes, less than the {needed} of the "
+                          f"{fs_type} filesystem it holds: truncated or damaged; not touching it")
     if fs_type in EXT_FAMILY and not opts.read_only:
         state = filesystem.ext_state(device.fileno())
         # e2fsck -p checks nothing on a clean filesystem either, but with MMP it first waits

@@ -1,0 +1,118 @@
+"""The share misbehaving: full while an image is allocated or formatted, read-only, and images
+truncated or damaged behind the driver's back. Each must end in a Failure that says what is
+wrong, with nothing half-made, mounted or bound left behind, and no data lost."""
+
+import os
+
+import pytest
+
+from kubelet import (MIN_SIZE, MiB, Pod, assert_released, checksum, df_size, image_path,  # noqa: F401
+                     is_mount_point, kubelet, loops_for, new_volume, run, share, temp_images,
+                     wait_until, write_data)
+
+
+def used(path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def refused(kubelet, share, options, *, read_only=False):
+    """A mount that must fail and leave the share as it found it (but for directories)."""
+    before = used(share)
+    pod = Pod("web")
+    reply = kubelet.mount(pod, options, read_only=read_only)
+    assert reply.status == "Failure", reply
+    assert not kubelet.pod_dir(pod).exists()
+    image = image_path(share)
+    if image.parent.exists():
+        assert temp_images(image.parent) == []
+    assert used(share) <= before + 64 * 1024, "the failed call left space in use"
+    assert_released(kubelet, share)
+    return reply
+
+
+def make_volume(kubelet, share, **extra):
+    pod = Pod("creator")
+    reply = kubelet.mount(pod, new_volume(share, mmp="false", **extra), fs_type="ext4")
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    assert kubelet.unmount(pod).status == "Success"
+    assert wait_until(lambda: not loops_for(image_path(share)))
+    return digest
+
+
+@pytest.fixture
+def small_share(share):
+    """The share, shrunk to 16 MiB (tmpfs sizes can change while mounted)."""
+    run("mount", "-o", "remount,size=16m", share)
+    return share
+
+
+# -- full -----------------------------------------------------------------------------------------
+def test_share_full_while_allocating(kubelet, small_share):
+    reply = refused(kubelet, small_share, new_volume(small_share, size="30m", allocate="true"))
+    assert "No space left on device" in reply.message and "allocate" in reply.message, reply
+    assert not image_path(small_share).exists()
+
+
+def test_share_full_while_formatting_a_sparse_image(kubelet, small_share):
+    # ext4's metadata for 1 TiB fits in 16 MiB (thin provisioning at work); for 100 TiB not.
+    reply = refused(kubelet, small_share, new_volume(small_share, size="100Ti"))
+    assert "mkfs" in reply.message and "No space left on device" in reply.message, reply
+    assert not image_path(small_share).exists()
+
+
+def test_share_full_when_growing_a_preallocated_volume(kubelet, share):
+    pod = Pod("web")
+    options = new_volume(share, mmp="false", allocate="true")
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    run("mount", "-o", f"remount,size={used(share) + 4 * MiB}", share)
+    reply = kubelet.expandfs(reply.target, options, 64 * MiB, 30 * MiB)
+    assert reply.status == "Failure" and "No space left on device" in reply.message, reply
+    assert image_path(share).stat().st_size == 30 * MiB
+    assert checksum(kubelet.pod_dir(pod) / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    assert run("e2fsck", "-fn", image_path(share), check=False).returncode == 0
+
+
+# -- truncated or damaged -------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [0, 4096, MiB, 15 * MiB])
+@pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
+def test_truncated_image_is_refused_and_kept(kubelet, share, length, read_only):
+    make_volume(kubelet, share)
+    image = image_path(share)
+    os.truncate(image, length)
+    before = checksum(image)
+    reply = refused(kubelet, share, {"share": str(share), "file": "/kube-volumes/test"},
+                    read_only=read_only)
+    if length > 0:
+        assert f"has {length} bytes" in reply.message and "truncated" in reply.message, reply
+    assert checksum(image) == before, "the driver wrote to a truncated image"
+
+
+@pytest.mark.parametrize("fs_type", ["xfs", "btrfs"])
+def test_truncated_image_of_other_filesystems_is_refused(kubelet, share, fs_type):
+    pod = Pod("creator")
+    size = MIN_SIZE[fs_type]
+    reply = kubelet.mount(pod, new_volume(share, size=f"{size // MiB}Mi"), fs_type=fs_type)
+    assert reply.status == "Success", reply
+    assert kubelet.unmount(pod).status == "Success"
+    assert wait_until(lambda: not loops_for(image_path(share)))
+    os.truncate(image_path(share), size // 2)
+    reply = refused(kubelet, share, {"share": str(share), "file": "/kube-volumes/test"})
+    assert "truncated" in reply.message, reply
+
+
+def test_image_with_a_damaged_superblock_is_never_formatted(kubelet, share):
+    make_volume(kubelet, share)
+    image = image_path(share)
+    with open(image, "r+b") as f:
+        f.seek(1024)
+        f.write(os.urandom(1024))
+    before = checksum(image)
+    reply = refused(kubelet, share, {"share": str(share), "file": "/kube-volumes/test"})
+    assert "refusing to format" in reply.message, reply
+    assert checksum(image) == before
