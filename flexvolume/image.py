@@ -229,6 +229,9 @@ def open_image(root: str, parts: list[str], *, read_only: bool, size: int | None
                     os.mkdir(part, 0o755, dir_fd=dir_fd)
                 except FileExistsError:
                     pass
+                except OSError as e:
+                    raise DriverError(f"cannot create the directories of {display}: "
+                                      f"{e.strerror}") from None
                 next_fd = _open_dir(part, dir_fd, root_dev, display)
             os.close(dir_fd)
             dir_fd = next_fd
@@ -286,8 +289,11 @@ def _remove_abandoned_temps(dir_fd: int, name: str) -> None:
 def _create(dir_fd: int, name: str, display: str, size: int, allocate: bool) -> Image:
     _remove_abandoned_temps(dir_fd, name)
     temp = f".{name}{_TEMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
-    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dir_fd)
+    try:
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+    except OSError as e:  # a full or read-only share: name the volume, not our temporary
+        raise DriverError(f"cannot create {display}: {e.strerror}") from None
     image = Image(fd, dir_fd, name, display, temp)
     try:
         # Locked from birth, so that _remove_abandoned_temps can tell it is alive.

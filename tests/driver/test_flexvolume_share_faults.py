@@ -62,6 +62,15 @@ def test_share_full_while_formatting_a_sparse_image(kubelet, small_share):
     assert not image_path(small_share).exists()
 
 
+def test_share_out_of_inodes(kubelet, share):
+    image_path(share).parent.mkdir()
+    st = os.statvfs(share)
+    run("mount", "-o", f"remount,nr_inodes={st.f_files - st.f_ffree}", share)  # no more files
+    reply = refused(kubelet, share, new_volume(share))
+    assert str(image_path(share)) in reply.message, reply
+    assert "No space left on device" in reply.message, reply
+
+
 def test_share_full_when_growing_a_preallocated_volume(kubelet, share):
     pod = Pod("web")
     options = new_volume(share, mmp="false", allocate="true")
@@ -76,6 +85,24 @@ def test_share_full_when_growing_a_preallocated_volume(kubelet, share):
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
     assert run("e2fsck", "-fn", image_path(share), check=False).returncode == 0
+
+
+# -- read-only ------------------------------------------------------------------------------------
+def test_read_only_share(kubelet, share):
+    digest = make_volume(kubelet, share)
+    run("mount", "-o", "remount,ro", share)
+    reply = refused(kubelet, share, new_volume(share, "other"))
+    assert reply.message == f"cannot create {image_path(share, 'other')}: Read-only file system"
+    reply = refused(kubelet, share, {"share": str(share), "file": "/new/vol", "size": "30m"})
+    assert "Read-only file system" in reply.message and f"{share}/new/vol" in reply.message
+    reply = refused(kubelet, share, new_volume(share, mmp="false"))
+    assert "Read-only file system" in reply.message, reply
+    pod = Pod("reader")
+    reply = kubelet.mount(pod, new_volume(share, mmp="false"), read_only=True)
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
 
 
 # -- truncated or damaged -------------------------------------------------------------------------
