@@ -87,6 +87,55 @@ def test_share_full_when_growing_a_preallocated_volume(kubelet, share):
     assert run("e2fsck", "-fn", image_path(share), check=False).returncode == 0
 
 
+def test_share_full_while_a_pod_writes_to_a_thin_volume(kubelet, share):
+    """A sparse image promised more than the share holds: the pod's writes fail (the loop
+    device gets ENOSPC from the share, ext4 sees EIO), but what it had synced stays, and the
+    volume mounts again, checked clean."""
+    pod = Pod("web")
+    options = new_volume(share, size="64Mi", mmp="false")
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target, size=4 * MiB)
+    run("mount", "-o", f"remount,size={used(share) + 8 * MiB}", share)
+    with pytest.raises(OSError):
+        write_data(reply.target, "fill.bin", size=32 * MiB)  # fsync'd: the error shows
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    reply = kubelet.mount(pod, options, fs_type="ext4")
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    assert run("e2fsck", "-fn", image_path(share), check=False).returncode == 0
+
+
+def test_share_full_when_growing_a_thin_volume_then_retried(kubelet, share):
+    """xfs_growfs writes the new space's headers through the loop device, which the full share
+    refuses: a Failure, the filesystem still whole and at its old size; with space again,
+    kubelet's retry grows it."""
+    size = MIN_SIZE["xfs"]
+    pod = Pod("web")
+    options = new_volume(share, size=f"{size // MiB}Mi")
+    reply = kubelet.mount(pod, options, fs_type="xfs")
+    assert reply.status == "Success", reply
+    target = reply.target
+    digest = write_data(target)
+    before = df_size(target)
+    run("mount", "-o", f"remount,size={used(share) + 256 * 1024}", share)
+    reply = kubelet.expandfs(target, options, 4 * size, size, fs_type="xfs")
+    assert reply.status == "Failure" and "No space left on device" in reply.message, reply
+    assert df_size(target) == before
+    assert checksum(target / "data.bin") == digest
+    run("mount", "-o", "remount,size=2g", share)
+    reply = kubelet.expandfs(target, options, 4 * size, size, fs_type="xfs")
+    assert reply.status == "Success", reply
+    assert df_size(target) > 3 * before
+    assert checksum(target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    assert run("xfs_repair", "-n", image_path(share), check=False).returncode == 0
+
+
 # -- read-only ------------------------------------------------------------------------------------
 def test_read_only_share(kubelet, share):
     digest = make_volume(kubelet, share)
