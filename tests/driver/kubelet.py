@@ -605,3 +605,25 @@ def assert_released(kubelet: Kubelet, share: Path) -> None:
         f"loop devices left: {[(n, bound_loops().get(n)) for n in loops_under(root)]}"
     assert [m for m in mounts_under(root) if m != str(share)] == []
 
+
+
+def make_volume(kubelet: Kubelet, share: Path, *, fs_type: str = "ext4", **extra: str) -> str:
+    """Create volume "test" (new_volume's options and *extra*) holding data.bin, unmount it;
+    the data's sha256."""
+    pod = Pod("creator")
+    reply = kubelet.mount(pod, new_volume(share, **extra), fs_type=fs_type)
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    assert kubelet.unmount(pod).status == "Success"
+    assert wait_until(lambda: not loops_for(image_path(share)))
+    return digest
+
+
+def assert_data_kept(kubelet: Kubelet, share: Path, pod: Pod, options: dict[str, str],
+                     digest: str, *, fs_type: str = "ext4") -> None:
+    """The volume mounts, holds data.bin as written (*digest*), unmounts, and nothing is left."""
+    reply = kubelet.mount(pod, options, fs_type=fs_type)
+    assert reply.status == "Success", reply
+    assert checksum(reply.target / "data.bin") == digest
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)

@@ -10,19 +10,8 @@ import subprocess
 import pytest
 
 from kubelet import (KiB, Pod, assert_released, checksum, dumpe2fs, findmnt, image_path,
-                     kubelet, loops_for, new_volume, run, share, wait_until,  # noqa: F401
-                     write_data)
-
-
-def make_volume(kubelet, share, **extra):
-    """Create an ext4 volume holding data.bin; unmount it; the data's sha256."""
-    pod = Pod("creator")
-    reply = kubelet.mount(pod, new_volume(share, **extra), fs_type="ext4")
-    assert reply.status == "Success", reply
-    digest = write_data(reply.target)
-    assert kubelet.unmount(pod).status == "Success"
-    assert wait_until(lambda: not loops_for(image_path(share)))
-    return digest
+                     kubelet, loops_for, make_volume, new_volume, run, share,  # noqa: F401
+                     wait_until, write_data)
 
 
 def mark_not_clean(image):

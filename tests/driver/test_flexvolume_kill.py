@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from flexvolume import _faultpoint
-from kubelet import (MIN_SIZE, GiB, Kubelet, MiB, Pod, assert_released, check_reply,  # noqa: F401
-                     checksum, df_size, findmnt, go_json, image_path, is_mount_point, kubelet,
-                     loops_for, needs_ext_online_resize, new_volume, run, session_members, share,
+from kubelet import (MIN_SIZE, GiB, Kubelet, MiB, Pod, assert_data_kept,  # noqa: F401
+                     assert_released, check_reply, checksum, df_size, findmnt, go_json,
+                     image_path, is_mount_point, kubelet, loops_for, make_volume,
+                     needs_ext_online_resize, new_volume, run, session_members, share,
                      temp_images, wait_for_session, wait_until, write_data)
 
 STEP = 0.002       # s between kill delays (mount)
@@ -272,23 +273,6 @@ def retry_mount(kubelet, pod, options, fault, digest):
     return reply
 
 
-def make_volume(kubelet, share, options, *, blank=False):
-    """An existing volume holding data.bin (its sha256), or a blank (all-zero) image."""
-    image = image_path(share)
-    if blank:
-        image.parent.mkdir()
-        with open(image, "xb") as f:
-            f.truncate(30 * MiB)
-        return None
-    pod = Pod("creator")
-    reply = kubelet.mount(pod, options, fs_type="ext4")
-    assert reply.status == "Success", reply
-    digest = write_data(reply.target)
-    assert kubelet.unmount(pod).status == "Success"
-    assert wait_until(lambda: not loops_for(image))
-    return digest
-
-
 MOUNT_STEPS = {
     # volume -> the steps a mount of it goes through
     "new": ["create", "allocate", "tool:mkfs.ext4", "mkfs", "publish-link", "publish", "attach",
@@ -305,8 +289,12 @@ MOUNT_STEPS = {
 def test_mount_killed_at_each_step_then_retried(kubelet, share, tmp_path, volume, fault):
     options = new_volume(share, mmp="false", allocate="true")
     digest = None
-    if volume != "new":
-        digest = make_volume(kubelet, share, options, blank=volume == "blank")
+    if volume == "blank":
+        image_path(share).parent.mkdir()
+        with open(image_path(share), "xb") as f:
+            f.truncate(30 * MiB)
+    elif volume != "new":
+        digest = make_volume(kubelet, share, mmp="false", allocate="true")
     if volume == "unclean":
         run("debugfs", "-w", "-R", "ssv state 0", image_path(share))
     if volume == "without-mmp":
@@ -334,11 +322,7 @@ def test_unmount_killed_after_umount_then_retried(kubelet, share, tmp_path):
     assert not is_mount_point(reply.target)
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
-    reply = kubelet.mount(pod, options, fs_type="ext4")
-    assert reply.status == "Success", reply
-    assert checksum(reply.target / "data.bin") == digest
-    assert kubelet.unmount(pod).status == "Success"
-    assert_released(kubelet, share)
+    assert_data_kept(kubelet, share, pod, options, digest)
 
 
 GROW_TOOL = {"ext4": "resize2fs", "xfs": "xfs_growfs"}
@@ -368,11 +352,7 @@ def test_expandfs_killed_at_each_step_then_retried(kubelet, share, tmp_path, fs_
     assert checksum(target / "data.bin") == digest
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
-    reply = kubelet.mount(pod, options, fs_type=fs_type)
-    assert reply.status == "Success", reply
-    assert checksum(reply.target / "data.bin") == digest
-    assert kubelet.unmount(pod).status == "Success"
-    assert_released(kubelet, share)
+    assert_data_kept(kubelet, share, pod, options, digest, fs_type=fs_type)
 
 
 def test_kill_half_way_through_formatting_a_blank_image_then_retried(kubelet, share, tmp_path):

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from kubelet import (MIN_SIZE, MiB, Pod, assert_released, checksum, df_size, image_path,  # noqa: F401
-                     is_mount_point, kubelet, loops_for, new_volume, run, share, temp_images,
-                     wait_until, write_data)
+from kubelet import (MIN_SIZE, MiB, Pod, assert_data_kept, assert_released,  # noqa: F401
+                     checksum, df_size, image_path, kubelet, loops_for, make_volume,
+                     new_volume, run, share, temp_images, wait_until, write_data)
 
 
 def used(path) -> int:
@@ -29,16 +29,6 @@ def refused(kubelet, share, options, *, read_only=False):
     assert used(share) <= before + 64 * 1024, "the failed call left space in use"
     assert_released(kubelet, share)
     return reply
-
-
-def make_volume(kubelet, share, **extra):
-    pod = Pod("creator")
-    reply = kubelet.mount(pod, new_volume(share, mmp="false", **extra), fs_type="ext4")
-    assert reply.status == "Success", reply
-    digest = write_data(reply.target)
-    assert kubelet.unmount(pod).status == "Success"
-    assert wait_until(lambda: not loops_for(image_path(share)))
-    return digest
 
 
 @pytest.fixture
@@ -101,11 +91,7 @@ def test_share_full_while_a_pod_writes_to_a_thin_volume(kubelet, share):
         write_data(reply.target, "fill.bin", size=32 * MiB)  # fsync'd: the error shows
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
-    reply = kubelet.mount(pod, options, fs_type="ext4")
-    assert reply.status == "Success", reply
-    assert checksum(reply.target / "data.bin") == digest
-    assert kubelet.unmount(pod).status == "Success"
-    assert_released(kubelet, share)
+    assert_data_kept(kubelet, share, pod, options, digest)
     assert run("e2fsck", "-fn", image_path(share), check=False).returncode == 0
 
 
@@ -138,7 +124,7 @@ def test_share_full_when_growing_a_thin_volume_then_retried(kubelet, share):
 
 # -- read-only ------------------------------------------------------------------------------------
 def test_read_only_share(kubelet, share):
-    digest = make_volume(kubelet, share)
+    digest = make_volume(kubelet, share, mmp="false")
     run("mount", "-o", "remount,ro", share)
     reply = refused(kubelet, share, new_volume(share, "other"))
     assert reply.message == f"cannot create {image_path(share, 'other')}: Read-only file system"
@@ -158,7 +144,7 @@ def test_read_only_share(kubelet, share):
 @pytest.mark.parametrize("length", [0, 4096, MiB, 15 * MiB])
 @pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
 def test_truncated_image_is_refused_and_kept(kubelet, share, length, read_only):
-    make_volume(kubelet, share)
+    make_volume(kubelet, share, mmp="false")
     image = image_path(share)
     os.truncate(image, length)
     before = checksum(image)
@@ -183,7 +169,7 @@ def test_truncated_image_of_other_filesystems_is_refused(kubelet, share, fs_type
 
 
 def test_image_with_a_damaged_superblock_is_never_formatted(kubelet, share):
-    make_volume(kubelet, share)
+    make_volume(kubelet, share, mmp="false")
     image = image_path(share)
     with open(image, "r+b") as f:
         f.seek(1024)
