@@ -122,6 +122,12 @@ class Image:
         except FileExistsError:
             raise DriverError(f"{self.path} was created concurrently by another mount; "
                               "retrying will use it") from None
+        except FileNotFoundError:
+            # Another creator took our temporary image for a killed one's: it took it in the
+            # instant between its creation and its lock (_create), and is creating its own.
+            self.temp_name = None
+            raise DriverError(f"{self.path} is being created concurrently by another mount; "
+                              "retrying will use it") from None
         _faultpoint.reached("publish-link")
         os.unlink(self.temp_name, dir_fd=self.dir_fd)
         self.temp_name = None

@@ -627,3 +627,13 @@ def assert_data_kept(kubelet: Kubelet, share: Path, pod: Pod, options: dict[str,
     assert checksum(reply.target / "data.bin") == digest
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
+
+
+def slow_tool(tmp_path: Path, tool: str, seconds: float) -> str:
+    """A PATH entry where *tool* sleeps first: a big volume's mkfs, at a 30 MiB one's cost."""
+    bindir = tmp_path / "slow-bin"
+    bindir.mkdir(exist_ok=True)
+    real = shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    (bindir / tool).write_text(f"#!/bin/sh\nsleep {seconds}\nexec {real} \"$@\"\n")
+    (bindir / tool).chmod(0o755)
+    return str(bindir)

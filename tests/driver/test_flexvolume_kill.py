@@ -22,7 +22,7 @@ from flexvolume import _faultpoint
 from kubelet import (MIN_SIZE, GiB, Kubelet, MiB, Pod, assert_data_kept,  # noqa: F401
                      assert_released, check_reply, checksum, df_size, findmnt, go_json,
                      image_path, is_mount_point, kubelet, loops_for, make_volume,
-                     needs_ext_online_resize, new_volume, run, session_members, share,
+                     needs_ext_online_resize, new_volume, run, session_members, share, slow_tool,
                      temp_images, wait_for_session, wait_until, write_data)
 
 STEP = 0.002       # s between kill delays (mount)
@@ -148,16 +148,6 @@ def test_kill_during_unmount_then_retry(kubelet, share):
     assert kills >= 2  # else the sweep tested next to nothing
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
-
-
-def slow_tool(tmp_path, tool: str, seconds: float) -> str:
-    """A PATH entry where *tool* sleeps first: a big volume's mkfs, at a 30 MiB one's cost."""
-    bindir = tmp_path / "slow-bin"
-    bindir.mkdir(exist_ok=True)
-    real = shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
-    (bindir / tool).write_text(f"#!/bin/sh\nsleep {seconds}\nexec {real} \"$@\"\n")
-    (bindir / tool).chmod(0o755)
-    return str(bindir)
 
 
 def test_kill_during_mkfs_of_a_new_volume_leaks_no_temporary_image(kubelet, share, tmp_path):
