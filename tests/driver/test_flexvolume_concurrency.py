@@ -7,7 +7,7 @@ import pytest
 
 from kubelet import (MIN_SIZE, Kubelet, MiB, Pod, assert_released, check_reply, checksum, go_json,
                      image_path, kubelet, loops_for, new_volume, run, share,  # noqa: F401
-                     slow_tool, temp_images, wait_until, write_data)
+                     make_volume, slow_tool, temp_images, wait_until, write_data)
 
 
 def start_mounts(kubelet, pods, options_for):
@@ -172,3 +172,28 @@ def test_creator_whose_temporary_image_was_taken_for_abandoned_fails_cleanly(kub
     assert reply.status == "Success", reply
     assert kubelet.unmount(pod).status == "Success"
     assert_released(kubelet, share)
+
+
+def test_readers_and_a_writer_racing_for_one_volume_never_share_it(kubelet, share):
+    """One pod mounting read-write and seven read-only, all at once: the writer excludes the
+    readers or the readers the writer (the image lock is shared for read-only attaches),
+    never both, and every reader sees the data."""
+    digest = make_volume(kubelet, share, mmp="false")
+    writer, readers = Pod("writer"), [Pod(f"reader-{i}") for i in range(7)]
+    replies = start_mounts(kubelet, [writer, *readers], lambda pod: new_volume(
+        share, mmp="false", **({} if pod is writer else {"kubernetes.io/readwrite": "ro"})))
+    reading = [pod for pod in readers if replies[pod].status == "Success"]
+    if replies[writer].status == "Success":
+        assert reading == [], replies
+    else:
+        assert reading and busy_or_raced(replies[writer].message), replies
+    for pod in readers:
+        if pod not in reading:
+            assert busy_or_raced(replies[pod].message), replies[pod]
+    for pod in reading:
+        assert checksum(kubelet.pod_dir(pod) / "data.bin") == digest
+    for pod, reply in replies.items():
+        if reply.status == "Success":
+            assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    print("writer won" if replies[writer].status == "Success" else f"{len(reading)} readers won")
