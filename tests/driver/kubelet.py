@@ -637,3 +637,20 @@ def slow_tool(tmp_path: Path, tool: str, seconds: float) -> str:
     (bindir / tool).write_text(f"#!/bin/sh\nsleep {seconds}\nexec {real} \"$@\"\n")
     (bindir / tool).chmod(0o755)
     return str(bindir)
+
+
+def start_creating_with_slow_mkfs(kubelet: Kubelet, share: Path, tmp_path: Path, pod: Pod,
+                                  seconds: float, **popen) -> tuple[subprocess.Popen, list[str]]:
+    """Start a mount that creates volume "test" with an mkfs that sleeps *seconds* first; the
+    call and its argv, once its temporary image exists."""
+    image = image_path(share)
+    target = kubelet.pod_dir(pod)
+    kubelet.prepare_for_mount(target)
+    raw = go_json(Kubelet.options(new_volume(share), fs_type="ext4", pod=pod))
+    path = slow_tool(tmp_path, "mkfs.ext4", seconds) + ":" + kubelet.env["PATH"]
+    proc = kubelet.spawn("mount", target, raw, env={"PATH": path}, **popen)
+    if not wait_until(lambda: image.parent.exists() and temp_images(image.parent), 10):
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the driver never created its temporary image")
+    return proc, kubelet.argv("mount", target, raw)

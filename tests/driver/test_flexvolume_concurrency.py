@@ -7,7 +7,8 @@ import pytest
 
 from kubelet import (MIN_SIZE, Kubelet, MiB, Pod, assert_released, check_reply, checksum, go_json,
                      image_path, kubelet, loops_for, new_volume, run, share,  # noqa: F401
-                     make_volume, slow_tool, temp_images, wait_until, write_data)
+                     make_volume, start_creating_with_slow_mkfs, temp_images,
+                     wait_until, write_data)
 
 
 def start_mounts(kubelet, pods, options_for):
@@ -154,19 +155,13 @@ def test_creator_whose_temporary_image_was_taken_for_abandoned_fails_cleanly(kub
     publishes the image. Here the removal comes during mkfs, when it always can."""
     image = image_path(share)
     pod = Pod("web")
-    target = kubelet.pod_dir(pod)
-    kubelet.prepare_for_mount(target)
-    raw = go_json(Kubelet.options(new_volume(share), fs_type="ext4", pod=pod))
-    path = slow_tool(tmp_path, "mkfs.ext4", 1.0) + ":" + kubelet.env["PATH"]
-    argv = kubelet.argv("mount", target, raw)
-    proc = kubelet.spawn("mount", target, raw, env={"PATH": path})
-    assert wait_until(lambda: image.parent.exists() and temp_images(image.parent), 10)
+    proc, argv = start_creating_with_slow_mkfs(kubelet, share, tmp_path, pod, 1.0)
     for name in temp_images(image.parent):
         os.unlink(image.parent / name)
     output, _ = proc.communicate(timeout=60)
     reply = check_reply(argv, proc.returncode, output, 0.0)
     assert reply.status == "Failure" and busy_or_raced(reply.message), reply
-    os.rmdir(target)
+    os.rmdir(kubelet.pod_dir(pod))
     assert not image.exists() and temp_images(image.parent) == []
     reply = kubelet.mount(pod, new_volume(share))  # kubelet's retry
     assert reply.status == "Success", reply

@@ -22,8 +22,9 @@ from flexvolume import _faultpoint
 from kubelet import (MIN_SIZE, GiB, Kubelet, MiB, Pod, assert_data_kept,  # noqa: F401
                      assert_released, check_reply, checksum, df_size, findmnt, go_json,
                      image_path, is_mount_point, kubelet, loops_for, make_volume,
-                     needs_ext_online_resize, new_volume, run, session_members, share, slow_tool,
-                     temp_images, wait_for_session, wait_until, write_data)
+                     needs_ext_online_resize, new_volume, run, session_members, share,
+                     start_creating_with_slow_mkfs, temp_images, wait_for_session, wait_until,
+                     write_data)
 
 STEP = 0.002       # s between kill delays (mount)
 UNMOUNT_STEP = 0.001
@@ -154,13 +155,9 @@ def test_kill_during_mkfs_of_a_new_volume_leaks_no_temporary_image(kubelet, shar
     image = image_path(share)
     pod = Pod("web")
     target = kubelet.pod_dir(pod)
-    kubelet.prepare_for_mount(target)
-    raw = go_json(Kubelet.options(new_volume(share), fs_type="ext4", pod=pod))
-    path = slow_tool(tmp_path, "mkfs.ext4", 2.0) + ":" + kubelet.env["PATH"]
-    proc = kubelet.spawn("mount", target, raw, env={"PATH": path}, start_new_session=True)
+    proc, _ = start_creating_with_slow_mkfs(kubelet, share, tmp_path, pod, 2.0,
+                                            start_new_session=True)
     try:
-        assert wait_until(lambda: image.parent.exists() and temp_images(image.parent), 10), \
-            "the driver never created its temporary image"
         time.sleep(0.2)  # mkfs (the slow one) is running now
         proc.send_signal(signal.SIGKILL)  # the driver only, as the OOM killer would
         proc.wait()
