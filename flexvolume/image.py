@@ -343,7 +343,22 @@ def _remove_abandoned_temps(dir_fd: int, name: str) -> None:
             os.close(fd)
 
 
+def check_capacity(fd: int, size: int, display: str) -> None:
+    """Refuse a size beyond the capacity of the whole filesystem that holds the image (*fd*).
+
+    Nothing could ever fill such an image, and the tools go wild on one (the size is the pod
+    author's, or the PVC's): xfs_growfs of a 320 MiB volume to 4 EiB keeps a CPU busy for
+    minutes and exhausts the node's memory; mkfs writes until the share is full.
+    """
+    st = os.fstatvfs(fd)
+    capacity = st.f_blocks * st.f_frsize
+    if size > capacity:
+        raise DriverError(f"{display}: {size} bytes is more than the whole filesystem holding "
+                          f"it ({capacity} bytes)")
+
+
 def _create(dir_fd: int, name: str, display: str, size: int, allocate: bool) -> Image:
+    check_capacity(dir_fd, size, display)
     _remove_abandoned_temps(dir_fd, name)
     temp = _temp_name(name)
     try:

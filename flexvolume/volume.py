@@ -211,6 +211,7 @@ def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleT
     with img:
         if not _same_image(device, img.fd):
             raise DriverError(f"{target} is not mounted from {img.path}")
+        image.check_capacity(img.fd, new_size, img.path)
         if os.fstat(img.fd).st_size < new_size:
             try:
                 if allocate:

@@ -60,7 +60,7 @@ LOG_FILE_ENV = "FLEXBLOCK_LOG_FILE"
 ALLOWED_ROOTS_ENV = "FLEXBLOCK_ALLOWED_ROOTS"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-SHARE_SIZE = "2g"
+SHARE_SIZE = "16g"  # a limit, not memory (tmpfs holds what is written); no volume may exceed it
 CALL_TIMEOUT = 120.0   # a hung driver fails the test instead of wedging it (kubelet waits forever)
 WAIT_TIMEOUT = 15.0    # udevd may hold a device open a while after its last real user is gone
 LOOP_CLR_FD = 0x4C01   # <linux/loop.h>; only used when loopctl itself cannot detach

@@ -45,7 +45,7 @@ def runs(examples: int) -> settings:
                                            HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-# -- inotify (no binding in the stdlib) ------------------------------------------------------------
+# -- inotify (no binding in the stdlib) -----------------------------------------------------------
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_OPEN, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x20, 0x40, 0x80, 0x100, 0x200
 _WATCHED = IN_OPEN | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | \

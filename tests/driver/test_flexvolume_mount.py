@@ -9,10 +9,10 @@ import struct
 
 import pytest
 
-from kubelet import (ALIAS, ALLOWED_ROOTS_ENV, GiB, MIN_SIZE, MiB, Pod, assert_released,
-                     checksum, dumpe2fs, findmnt, image_path, is_mount_point, kubelet,  # noqa: F401
-                     loop_of_mount, loops_for, losetup, new_volume, run, share, temp_images,
-                     wait_until, write_data)
+from kubelet import (ALIAS, ALLOWED_ROOTS_ENV, GiB, MIN_SIZE, MiB, Pod,  # noqa: F401
+                     assert_released, checksum, dumpe2fs, findmnt, image_path, is_mount_point,
+                     kubelet, loop_of_mount, loops_for, losetup, new_volume, run, share,
+                     temp_images, wait_until, write_data)
 
 
 def check_mounted(reply, image, fs_type, *, read_only=False):

@@ -3,12 +3,23 @@ truncated or damaged behind the driver's back. Each must end in a Failure that s
 wrong, with nothing half-made, mounted or bound left behind, and no data lost."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 from kubelet import (MIN_SIZE, MiB, Pod, assert_data_kept, assert_released,  # noqa: F401
                      checksum, df_size, image_path, kubelet, loops_for, make_volume,
                      new_volume, run, share, temp_images, wait_until, write_data)
+
+
+def fill(share, leave: int) -> Path:
+    """A file taking all of the share's free space but *leave* bytes (the share keeps its
+    capacity, so sizes are judged against it, not against what is free)."""
+    st = os.statvfs(share)
+    filler = share / "filler"
+    with open(filler, "xb") as f:
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - leave)
+    return filler
 
 
 def used(path) -> int:
@@ -40,16 +51,44 @@ def small_share(share):
 
 # -- full -----------------------------------------------------------------------------------------
 def test_share_full_while_allocating(kubelet, small_share):
-    reply = refused(kubelet, small_share, new_volume(small_share, size="30m", allocate="true"))
+    fill(small_share, 8 * MiB)
+    reply = refused(kubelet, small_share, new_volume(small_share, size="12Mi", allocate="true"))
     assert "No space left on device" in reply.message and "allocate" in reply.message, reply
     assert not image_path(small_share).exists()
 
 
 def test_share_full_while_formatting_a_sparse_image(kubelet, small_share):
-    # ext4's metadata for 1 TiB fits in 16 MiB (thin provisioning at work); for 100 TiB not.
-    reply = refused(kubelet, small_share, new_volume(small_share, size="100Ti"))
+    fill(small_share, 64 * 1024)  # mkfs.ext4 writes ~170 KiB for 16 MiB
+    reply = refused(kubelet, small_share, new_volume(small_share, size="16Mi", mmp="false"))
     assert "mkfs" in reply.message and "No space left on device" in reply.message, reply
     assert not image_path(small_share).exists()
+
+
+def test_volume_larger_than_the_whole_share_is_refused(kubelet, small_share):
+    """It could never be filled, and tools go wild on such sizes (xfs_growfs to 4 EiB ran the
+    node out of memory)."""
+    reply = refused(kubelet, small_share, new_volume(small_share, size="17Mi"))
+    assert "more than the whole filesystem" in reply.message, reply
+    assert not image_path(small_share).exists()
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_growth_beyond_the_whole_share_is_refused(kubelet, share, fs_type):
+    size = MIN_SIZE[fs_type]
+    pod = Pod("web")
+    options = new_volume(share, size=f"{size // MiB}Mi")
+    reply = kubelet.mount(pod, options, fs_type=fs_type)
+    assert reply.status == "Success", reply
+    digest = write_data(reply.target)
+    before = df_size(reply.target)
+    capacity = os.statvfs(share).f_blocks * os.statvfs(share).f_frsize
+    reply = kubelet.expandfs(reply.target, options, capacity + MiB, size, fs_type=fs_type)
+    assert reply.status == "Failure" and "more than the whole filesystem" in reply.message, reply
+    assert image_path(share).stat().st_size == size
+    assert df_size(kubelet.pod_dir(pod)) == before
+    assert kubelet.unmount(pod).status == "Success"
+    assert_released(kubelet, share)
+    assert_data_kept(kubelet, share, pod, options, digest, fs_type=fs_type)
 
 
 def test_share_out_of_inodes(kubelet, share):
@@ -67,7 +106,7 @@ def test_share_full_when_growing_a_preallocated_volume(kubelet, share):
     reply = kubelet.mount(pod, options, fs_type="ext4")
     assert reply.status == "Success", reply
     digest = write_data(reply.target)
-    run("mount", "-o", f"remount,size={used(share) + 4 * MiB}", share)
+    fill(share, 4 * MiB)
     reply = kubelet.expandfs(reply.target, options, 64 * MiB, 30 * MiB)
     assert reply.status == "Failure" and "No space left on device" in reply.message, reply
     assert image_path(share).stat().st_size == 30 * MiB
@@ -86,7 +125,7 @@ def test_share_full_while_a_pod_writes_to_a_thin_volume(kubelet, share):
     reply = kubelet.mount(pod, options, fs_type="ext4")
     assert reply.status == "Success", reply
     digest = write_data(reply.target, size=4 * MiB)
-    run("mount", "-o", f"remount,size={used(share) + 8 * MiB}", share)
+    fill(share, 8 * MiB)
     with pytest.raises(OSError):
         write_data(reply.target, "fill.bin", size=32 * MiB)  # fsync'd: the error shows
     assert kubelet.unmount(pod).status == "Success"
@@ -107,12 +146,12 @@ def test_share_full_when_growing_a_thin_volume_then_retried(kubelet, share):
     target = reply.target
     digest = write_data(target)
     before = df_size(target)
-    run("mount", "-o", f"remount,size={used(share) + 256 * 1024}", share)
+    filler = fill(share, 256 * 1024)
     reply = kubelet.expandfs(target, options, 4 * size, size, fs_type="xfs")
     assert reply.status == "Failure" and "No space left on device" in reply.message, reply
     assert df_size(target) == before
     assert checksum(target / "data.bin") == digest
-    run("mount", "-o", "remount,size=2g", share)
+    filler.unlink()
     reply = kubelet.expandfs(target, options, 4 * size, size, fs_type="xfs")
     assert reply.status == "Success", reply
     assert df_size(target) > 3 * before
