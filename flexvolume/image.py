@@ -152,8 +152,9 @@ class Image:
         mkfs writes the superblock last: killed half-way, it leaves data and no signature, which
         the driver must not take for a blank image again (it could be anyone's data) and would
         refuse for ever. The mark, an extended attribute of the image file, is set before mkfs
-        and removed after it, before anything mounts the volume; on a share without user
-        extended attributes there is no mark, and such an image needs an administrator.
+        and removed after it, before anything mounts the volume. Where the share refuses user
+        extended attributes there is no mark, and such an image needs an administrator; a mark
+        that cannot be removed fails the mount, since a mounted volume holds data.
         """
         try:
             if on:
@@ -161,9 +162,9 @@ class Image:
             else:
                 os.removexattr(self.fd, _FORMATTING_XATTR)
         except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.ENODATA):
-                raise DriverError(f"cannot mark {self.path} as being formatted: {e.strerror}") \
-                    from None
+            if not on and e.errno not in (errno.ENOTSUP, errno.ENODATA):
+                raise DriverError(f"cannot unmark {self.path} as being formatted: "
+                                  f"{e.strerror}") from None
 
     def formatting_interrupted(self) -> bool:
         """Whether a format of this image in place was killed before it finished."""
