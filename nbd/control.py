@@ -167,6 +167,18 @@ def info(index: int) -> DeviceInfo:
                       int(pid) if pid else None, _read(f"{base}/backend") or None)
 
 
+def find_by_backend(backend: str) -> list[DeviceInfo]:
+    """Connected devices whose backend identifier (given at connect) is *backend*: how a
+    later process finds the device it connected for an export."""
+    found = []
+    for state in status():
+        if state.connected:
+            device = info(state.index)
+            if device.backend == backend and device.pid is not None:
+                found.append(device)
+    return found
+
+
 def wait_connected(index: int, timeout: float = READY_TIMEOUT) -> DeviceInfo:
     """Wait until the kernel shows the device connected (a pid, a size): I/O may start."""
     deadline = time.monotonic() + timeout
