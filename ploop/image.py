@@ -259,11 +259,12 @@ class Image:
         if not self.writable:
             raise PloopError(errno.EBADF, "image is open read-only", self.path)
 
-    def _append_cluster(self, data: bytes) -> int:
-        """Write one cluster past the end of the data (the file size stays a multiple of
-        the cluster) and return its BAT entry; data first, so no entry points at garbage."""
+    def _append_cluster(self, data: bytes, floor: int = 0) -> int:
+        """Write one cluster past the end of the data and past *floor* (the file size stays
+        a multiple of the cluster) and return its BAT entry; data first, so no entry points
+        at garbage."""
         cluster = self.cluster_size
-        end = max(self.file_size(), self.header.data_off * SECTOR)
+        end = max(self.file_size(), self.header.data_off * SECTOR, floor)
         end = -(-end // cluster) * cluster
         os.pwrite(self.fd, data, end)
         return self._entry_for(end)
@@ -390,7 +391,7 @@ class Image:
         for index, entry in enumerate(self.bat):
             if entry and self.file_offset(entry) < new_start:
                 data = _pread_exact(self.fd, cluster, self.file_offset(entry), self.path)
-                moved = self._append_cluster(data)
+                moved = self._append_cluster(data, new_start)
                 os.fsync(self.fd)
                 self._set_entry(index, moved)
         os.fsync(self.fd)

@@ -14,6 +14,7 @@ import collections
 import errno
 import os
 import secrets
+import time
 
 import nbd
 from nbd import server
@@ -74,6 +75,7 @@ def create_or_open(directory: str | os.PathLike, size: int | None = None, *,
         os.mkdir(directory, 0o755)
     except FileExistsError:
         pass
+    _remove_stale_temporaries(directory, image_name)
     path = os.path.join(directory, image_name)
     temp = os.path.join(directory, f".{image_name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -100,6 +102,30 @@ def create_or_open(directory: str | os.PathLike, size: int | None = None, *,
     finally:
         os.close(fd)
     return _wait_for_creator(directory, path, size)
+
+
+def _remove_stale_temporaries(directory: str, image_name: str) -> None:
+    """Remove images a killed creator left under their temporary names: unlocked (no creator
+    holds them) and older than CREATE_TIMEOUT (so not one whose creator is just starting)."""
+    prefix = f".{image_name}."
+    for name in os.listdir(directory):
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        temp = os.path.join(directory, name)
+        try:
+            fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < CREATE_TIMEOUT:
+                continue
+            image.lock(fd, temp)
+            os.unlink(temp)
+            _log_warning(f"{temp}: removed, left by a creator that died")
+        except (ImageBusy, FileNotFoundError):
+            pass  # a creator holds it, or another cleaner was first
+        finally:
+            os.close(fd)
 
 
 def _publish(directory: str, desc: descriptor.Descriptor) -> None:
