@@ -239,12 +239,18 @@ class Attachment:
             if native.device(self.volume.descriptor_path) is not None:
                 native.umount(self.volume.descriptor_path)
             return
+        running = _server(self.volume)
         if self.nbd_index is not None and _still_ours(self.nbd_index, self.volume):
-            _disconnect(self.nbd_index, self.device)
-        _stop_server(self.volume)
-        if self.volume.format == "parallels" and not self.read_only:
-            with image.Image(self.volume.image_path, writable=True):
-                pass  # qemu leaves the empty flag set on an image it wrote to; close() clears it
+            _disconnect(self.nbd_index, self.device, flush=running is not None)
+        if running is not None:
+            server.stop(running)
+        path = self.volume.image_path
+        # qemu leaves the empty flag set on an image it wrote to; close() clears it. An image
+        # still marked in use was not closed by its server (killed): the next attach repairs it.
+        if (self.volume.format == "parallels" and not self.read_only
+                and image.read_header(path).in_use != image.IN_USE):
+            with image.Image(path, writable=True):
+                pass
 
 
 def _backend(volume: Volume) -> str:
@@ -264,10 +270,11 @@ def _still_ours(index: int, volume: Volume) -> bool:
     return state.pid is not None and state.backend == _backend(volume)
 
 
-def _disconnect(index: int, device: str) -> None:
+def _disconnect(index: int, device: str, *, flush: bool) -> None:
     # An exclusive open fails while the device is mounted or claimed (EBUSY); holding it, no
     # one can mount it before the disconnect. fsync sends the device's cache to qemu-nbd,
-    # which writes it to the image before answering the flush.
+    # which writes it to the image before answering the flush (pointless, and EIO, when the
+    # server is dead).
     try:
         fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
     except OSError as e:
@@ -275,19 +282,24 @@ def _disconnect(index: int, device: str) -> None:
             raise ImageBusy("device is in use (mounted?)", device) from None
         raise PloopError(e.errno, f"cannot open the device: {e.strerror}", device) from None
     try:
-        os.fsync(fd)
+        if flush:
+            os.fsync(fd)
         nbd.disconnect(index)
     finally:
         os.close(fd)
     nbd.wait_disconnected(index)
 
 
-def _stop_server(volume: Volume) -> None:
+def _server(volume: Volume) -> server.Server | None:
     fd = os.open(volume.image_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        running = server.find(fd)
+        return server.find(fd)
     finally:
         os.close(fd)
+
+
+def _stop_server(volume: Volume) -> None:
+    running = _server(volume)
     if running is not None:
         server.stop(running)
 
@@ -329,6 +341,9 @@ def attach(directory: str | os.PathLike, *, read_only: bool = False, method: str
     if method not in (None, *METHODS):
         raise InvalidArgument(f"method {method!r} is not one of {', '.join(METHODS)}")
     found = find_attached(directory)
+    if found is not None and found.method == "nbd" and _server(found.volume) is None:
+        found.detach()  # its qemu-nbd died: a dead device (refused while mounted), then anew
+        found = None
     if found is not None:
         if found.read_only != read_only:
             raise ImageBusy(f"already attached {'read-only' if found.read_only else 'read-write'}"
