@@ -13,7 +13,7 @@ The 64-byte little-endian header (P include/ploop1_image.h, Q parallels.h) is
      36     8  nb_sectors       disk size in sectors (v1: the low 32 bits only)
      44     4  in_use           IN_USE while open read-write, 0 (or CLOSED_V21) when closed
      48     4  data_off         start of the data area, in sectors
-     52     4  flags            CIF_EMPTY, CIF_FMT_VERSION_CONVERT
+     52     4  flags            bit 0 CIF_EMPTY, bit 1 CIF_FmtVersionConvert
      56     8  ext_off          format extension cluster, in sectors
 
 and the BAT of u32 entries follows at offset 64: 0 is an unallocated cluster (reads as zeros),
@@ -44,7 +44,6 @@ TYPE_COMPRESSED = 2            # m_Type; the only one P and Q accept
 IN_USE = 0x746F6E59            # "Ynot": open read-write, or not closed cleanly
 CLOSED_V21 = 0x312E3276        # closed, a format extension may be present (ploop with CBT)
 CIF_EMPTY = 1 << 0
-CIF_FMT_VERSION_CONVERT = 1 << 1
 EXT_MAGIC = 0xAB234CEF23DCEA87  # first u64 of the format extension cluster
 HEADER = struct.Struct("<16s5IQ3IQ")
 BAT_OFFSET = HEADER.size       # PLOOP_MAP_OFFSET: the header takes the first 16 u32 slots
@@ -330,6 +329,8 @@ class Image:
         problems = []
         if h.in_use == IN_USE:
             problems.append("image was not closed cleanly (in-use flag set)")
+        elif h.in_use not in (0, CLOSED_V21):
+            problems.append(f"unknown in-use value {h.in_use:#x}")
         if h.version == 1 and os.pread(self.fd, 4, 40) != bytes(4):
             problems.append("v1 disk size has a non-zero high half")
         if file_size % cluster:

@@ -44,7 +44,8 @@ def test_init_info_grow_as_json(tmp_path):
 
 
 def test_init_modes_and_refusing_an_existing_volume(tmp_path):
-    assert ploop_cli("init", "-s", "8M", "-f", "raw", "--sparse", tmp_path / "r" / "d").returncode == 0
+    made = ploop_cli("init", "-s", "8M", "-f", "raw", "--sparse", tmp_path / "r" / "d")
+    assert made.returncode == 0, made.stderr
     assert "Plain" in (tmp_path / "r" / "DiskDescriptor.xml").read_text()
     again = ploop_cli("init", "-s", "8M", tmp_path / "r" / "other")
     assert again.returncode == 1 and "already exists" in again.stderr
