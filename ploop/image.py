@@ -377,6 +377,15 @@ class Image:
             return True
         return False
 
+    def _preallocate(self, first: int, end: int) -> None:
+        """Allocate clusters for BAT entries [first, end) in order at the end of the file."""
+        cluster = self.cluster_size
+        start = -(-max(self.file_size(), self.header.data_off * SECTOR) // cluster) * cluster
+        _allocate(self.fd, start + (end - first) * cluster, False, self.path)
+        entries = _sequential_entries(self.header, self._entry_for(start), end - first)
+        self.bat[first:end] = entries
+        os.pwrite(self.fd, _bat_bytes(entries), BAT_OFFSET + 4 * first)
+
     def grow(self, size: int, *, preallocate: bool = False) -> None:
         """Grow the disk to *size* bytes (whole clusters), as `ploop grow` does offline:
         clusters in the way of the larger BAT move to the end of the file first, so a crash
@@ -402,8 +411,7 @@ class Image:
         if self.file_size() < new_start:
             os.ftruncate(self.fd, new_start)
         if preallocate:
-            for index in range(h.bat_entries, new.bat_entries):
-                self._set_entry(index, self._append_cluster(bytes(cluster)))
+            self._preallocate(h.bat_entries, new.bat_entries)
         os.fsync(self.fd)
         flags = h.flags & ~CIF_EMPTY if self.allocated_clusters() else h.flags
         self._write_header(new._replace(in_use=IN_USE, flags=flags))
@@ -467,17 +475,26 @@ def write_new(fd: int, size: int, *, mode: str = "expanded", cluster: int = DEFA
     if mode == "preallocated":
         header = header._replace(flags=0)
         first = header.data_off if version == 1 else header.data_off // header.tracks
-        step = header.tracks if version == 1 else 1
-        bat = array.array("I", range(first, first + step * header.bat_entries, step))
-        if sys.byteorder == "big":
-            bat.byteswap()
-        bat = bat.tobytes()
+        bat = _bat_bytes(_sequential_entries(header, first, header.bat_entries))
         _allocate(fd, start + disk_size(header), False, path)
     else:
         os.ftruncate(fd, start)
     os.pwrite(fd, pack_header(header) + bat, 0)
     os.fsync(fd)
     return header
+
+
+def _sequential_entries(header: Header, first: int, count: int) -> array.array:
+    """BAT entries for *count* clusters that follow each other from entry *first* on."""
+    step = header.tracks if header.version == 1 else 1
+    return array.array("I", range(first, first + step * count, step))
+
+
+def _bat_bytes(entries: array.array) -> bytes:
+    if sys.byteorder == "big":
+        entries = array.array("I", entries)
+        entries.byteswap()
+    return entries.tobytes()
 
 
 def _allocate(fd: int, size: int, sparse: bool, path: str | None) -> None:

@@ -304,9 +304,10 @@ def test_grow_moves_clusters_out_of_the_larger_bat(tmp_path):
     assert without_flags(header_bytes(path)) == without_flags(header_bytes(tmp_path / "fresh.hds"))
 
 
-def test_grow_preallocated_and_refusals(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_grow_preallocated_and_refusals(tmp_path, version):
     path = tmp_path / "disk.hds"
-    image.create(path, 64 * MiB, mode="preallocated")
+    image.create(path, 64 * MiB, mode="preallocated", version=version)
     image.grow(path, 96 * MiB, preallocate=True)
     assert ours_map(path) == qemu_map(path) == [(0, 96 * MiB, True, MiB)]
     assert qemu_check(path).returncode == 0
