@@ -31,6 +31,7 @@ import array
 import collections
 import errno
 import fcntl
+import itertools
 import os
 import struct
 import sys
@@ -232,7 +233,7 @@ class Image:
         return os.fstat(self.fd).st_size
 
     def allocated_clusters(self) -> int:
-        return sum(1 for entry in self.bat if entry)
+        return len(self.bat) - self.bat.count(0)
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes [offset, offset+length), walking the BAT (unallocated reads as 0)."""
@@ -339,10 +340,8 @@ class Image:
         data_start = h.data_off * SECTOR
         seen: dict[int, int] = {}
         high = data_start
-        for index, entry in enumerate(self.bat):
-            if not entry:
-                continue
-            where = self.file_offset(entry)
+        for index in itertools.compress(range(len(self.bat)), self.bat):  # allocated only
+            where = self.file_offset(self.bat[index])
             if index >= disk_clusters:
                 problems.append(f"BAT entry {index} lies beyond the disk")
             if where % cluster:

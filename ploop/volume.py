@@ -80,16 +80,10 @@ def create_or_open(directory: str | os.PathLike, size: int | None = None, *,
     temp = os.path.join(directory, f".{image_name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        image.lock(fd, temp)
-        header = image.write_new(fd, size, mode=mode, cluster=cluster, sparse=sparse,
-                                 path=path)
-        if header is None:
-            desc = descriptor.for_image(image_name, os.fstat(fd).st_size // image.SECTOR,
-                                        cluster // image.SECTOR, raw=True)
-        else:
-            desc = descriptor.for_image(image_name, header.nb_sectors, header.tracks,
-                                        preallocated=mode == "preallocated")
         try:
+            image.lock(fd, temp)
+            header = image.write_new(fd, size, mode=mode, cluster=cluster, sparse=sparse,
+                                     path=path)
             os.link(temp, path)
             won = True
         except FileExistsError:
@@ -97,6 +91,12 @@ def create_or_open(directory: str | os.PathLike, size: int | None = None, *,
         finally:
             os.unlink(temp)
         if won:
+            if header is None:
+                desc = descriptor.for_image(image_name, os.fstat(fd).st_size // image.SECTOR,
+                                            cluster // image.SECTOR, raw=True)
+            else:
+                desc = descriptor.for_image(image_name, header.nb_sectors, header.tracks,
+                                            preallocated=mode == "preallocated")
             _publish(directory, desc)
             return _existing(directory, size)
     finally:

@@ -49,6 +49,9 @@ def test_create_refusals(tmp_path):
     for name in ("../x", "", "DiskDescriptor.xml"):
         with pytest.raises(InvalidArgument):
             ploop.create_or_open(tmp_path / "v", MiB, image_name=name)
+    with pytest.raises(InvalidArgument, match="cluster"):
+        ploop.create_or_open(tmp_path / "c", MiB, cluster=1000)
+    assert os.listdir(tmp_path / "c") == []  # no temporary image left behind
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "root.hds").write_bytes(b"not ours")
     with pytest.raises(ImageBusy, match="in the way"):
