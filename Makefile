@@ -46,6 +46,7 @@ test-vm: venv
 bench: venv
 	$(PY) bench/attach_latency.py
 	$(PY) bench/driver_latency.py
+	$(PY) bench/ploop_format.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info loopctl/_ffi*.so bench/ref_attach

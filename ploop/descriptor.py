@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import secrets
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
 
@@ -287,7 +286,7 @@ def write(directory: str | os.PathLike, descriptor: Descriptor, *,
     """
     directory = os.fspath(directory)
     path = os.path.join(directory, FILENAME)
-    temp = os.path.join(directory, f".{FILENAME}.{secrets.token_hex(8)}.tmp")
+    temp = os.path.join(directory, f".{FILENAME}.{os.urandom(8).hex()}.tmp")
     data = serialize(descriptor)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import secrets
 import time
 
 import nbd
@@ -77,7 +76,7 @@ def create_or_open(directory: str | os.PathLike, size: int | None = None, *,
         pass
     _remove_stale_temporaries(directory, image_name)
     path = os.path.join(directory, image_name)
-    temp = os.path.join(directory, f".{image_name}.{secrets.token_hex(8)}.tmp")
+    temp = os.path.join(directory, f".{image_name}.{os.urandom(8).hex()}.tmp")
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
