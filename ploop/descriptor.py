@@ -71,8 +71,17 @@ def chain(descriptor: Descriptor) -> list[ImageEntry]:
 
 
 def image_path(directory: str | os.PathLike, entry: ImageEntry) -> str:
-    """An image's file: relative names are relative to the descriptor's directory."""
-    return os.path.join(os.fspath(directory), entry.file)
+    """An image's file, which must lie in the descriptor's directory: named relative to it
+    (as ploop names them) or by an absolute path into it. Anything else could make whoever
+    can write a descriptor attach any file of the host."""
+    directory = os.path.abspath(directory)
+    name = entry.file
+    if os.path.isabs(name) and os.path.dirname(os.path.normpath(name)) == directory:
+        name = os.path.basename(os.path.normpath(name))
+    if "/" in name or name in ("", ".", "..", FILENAME):
+        raise DescriptorError(os.path.join(directory, FILENAME), "StorageData/Storage/Image/File",
+                              f"{entry.file!r} is not a file in the volume's directory")
+    return os.path.join(directory, name)
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -13,13 +13,15 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import stat
 import time
 
 import nbd
 from nbd import server
 
 from . import descriptor, image, native, qemu
-from .errors import ImageBusy, InvalidArgument, PloopError, SizeMismatch, UnsupportedImage
+from .errors import (CorruptImage, ImageBusy, InvalidArgument, PloopError, SizeMismatch,
+                     UnsupportedImage)
 
 DEFAULT_IMAGE = "root.hds"
 BACKEND_PREFIX = "ploop:"
@@ -41,14 +43,19 @@ def open_volume(directory: str | os.PathLike) -> Volume:
     """The volume in *directory*, its descriptor validated against its top image."""
     directory = os.path.abspath(directory)
     desc = descriptor.read(directory)
+    for entry in desc.images:
+        descriptor.image_path(directory, entry)  # every image in the directory
     top = descriptor.top_image(desc)
     path = descriptor.image_path(directory, top)
     dd_path = os.path.join(directory, descriptor.FILENAME)
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise PloopError(errno.EPERM, "image is not a regular file (symlinks are refused)", path)
     if top.type == "Plain":
-        return Volume(directory, dd_path, path, "raw", os.stat(path).st_size, desc)
+        return Volume(directory, dd_path, path, "raw", st.st_size, desc)
     header = image.read_header(path)
     if header.tracks != desc.blocksize:
-        raise image.CorruptImage(f"cluster of {header.tracks} sectors, but the descriptor's "
+        raise CorruptImage(f"cluster of {header.tracks} sectors, but the descriptor's "
                                  f"Blocksize is {desc.blocksize}", path)
     return Volume(directory, dd_path, path, "parallels", image.disk_size(header), desc)
 
@@ -357,8 +364,10 @@ def attach(directory: str | os.PathLike, *, read_only: bool = False, method: str
         raise UnsupportedImage("a snapshot chain attaches with native ploop only (qemu-nbd "
                                "serves one image)", volume.descriptor_path)
     fd = os.open(volume.image_path,
-                 (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+                 (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since open_volume looked
+            raise PloopError(errno.EPERM, "image is not a regular file", volume.image_path)
         running = server.find(fd)  # left by an attach that died before connecting
         if running is not None and running.read_only != read_only:
             server.stop(running)

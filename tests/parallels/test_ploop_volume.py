@@ -230,3 +230,26 @@ def test_native_mount_and_umount_command_lines(tmp_path, fake_native):
     assert fake_native.read_text().splitlines() == [
         f"-v-1 info -d {dd}", f"mount -r {dd}", f"-v-1 info -d {dd}", f"umount {dd}",
         f"-v-1 info -d {dd}"]
+
+
+@pytest.mark.parametrize("file", ["../outside.hds", "/etc/passwd", "sub/root.hds"])
+def test_images_outside_the_volume_directory_are_refused(tmp_path, file):
+    vol = ploop.create_or_open(tmp_path / "v", 64 * MiB)
+    d = vol.descriptor
+    descriptor.write(vol.directory, d._replace(images=(d.images[0]._replace(file=file),)))
+    with pytest.raises(ploop.DescriptorError, match="not a file in the volume") as caught:
+        ploop.open_volume(vol.directory)
+    assert caught.value.element == "StorageData/Storage/Image/File"
+
+
+def test_an_absolute_path_into_the_directory_is_fine_a_symlink_is_not(tmp_path):
+    vol = ploop.create_or_open(tmp_path / "v", 64 * MiB)
+    d = vol.descriptor
+    descriptor.write(vol.directory,
+                     d._replace(images=(d.images[0]._replace(file=vol.image_path),)))
+    assert ploop.open_volume(vol.directory).image_path == vol.image_path
+    os.rename(vol.image_path, tmp_path / "elsewhere.hds")
+    os.symlink(tmp_path / "elsewhere.hds", vol.image_path)
+    with pytest.raises(PloopError, match="not a regular file") as caught:
+        ploop.open_volume(vol.directory)
+    assert caught.value.errno == 1 and caught.value.filename == vol.image_path
