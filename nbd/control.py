@@ -167,16 +167,24 @@ def info(index: int) -> DeviceInfo:
                       int(pid) if pid else None, _read(f"{base}/backend") or None)
 
 
-def find_by_backend(backend: str) -> list[DeviceInfo]:
-    """Connected devices whose backend identifier (given at connect) is *backend*: how a
-    later process finds the device it connected for an export."""
+def connected() -> list[DeviceInfo]:
+    """Every device connected to a server (a pid in sysfs), with its backend identifier."""
     found = []
     for state in status():
         if state.connected:
-            device = info(state.index)
-            if device.backend == backend and device.pid is not None:
+            try:
+                device = info(state.index)
+            except OSError:
+                continue  # removed meanwhile
+            if device.pid is not None:
                 found.append(device)
     return found
+
+
+def find_by_backend(backend: str) -> list[DeviceInfo]:
+    """Connected devices whose backend identifier (given at connect) is *backend*: how a
+    later process finds the device it connected for an export."""
+    return [device for device in connected() if device.backend == backend]
 
 
 def wait_connected(index: int, timeout: float = READY_TIMEOUT) -> DeviceInfo:
