@@ -54,7 +54,7 @@ def main() -> int:
         os.makedirs(share)
         os.makedirs(pod, 0o750)
         mounts.mount("tmpfs", share, "tmpfs", 0, "size=1200m")
-        driver = install.install(os.path.join(work, "plugins"), "kvaps/loop")
+        driver = install.install(os.path.join(work, "plugins"), ["kvaps/loop"]).drivers["kvaps/loop"]
         env = {**os.environ, "FLEXBLOCK_LOG_FILE": os.path.join(work, "driver.log")}
         options = json.dumps({"file": "/kube-volumes/bench", "kubernetes.io/fsType": "ext4",
                               "kubernetes.io/readwrite": "rw", "share": share, "size": "1Gi"},
