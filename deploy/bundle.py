@@ -42,6 +42,8 @@ STDLIB_EXCLUDE = {"site-packages", "dist-packages", "test", "idlelib", "tkinter"
 STDLIB_EXCLUDE_PATTERN = re.compile(
     r"^(config-.*|_test.*|_xxtestfuzz.*|xxlimited.*|_ctypes_test.*|.*\.opt-[12]\.pyc"
     r"|(_tkinter|_curses|_curses_panel|readline|nis)\.cpython-.*\.so)$")
+# Libraries our dependencies load with ctypes by name, which no ELF link shows (pyudev: libudev).
+DLOPENED = ("libudev.so.1",)
 # PT_INTERP room reserved for the path of the loader on the node (the kernel allows PATH_MAX).
 LOADER_ROOM = 1024
 
@@ -71,8 +73,27 @@ def _dependencies(path: str) -> dict[str, str]:
     return found
 
 
-def build(out: str, prefix: str, python: str) -> str:
-    """Assemble the tree in *out* (which must not exist) for use at *prefix*; its version."""
+def _system_library(soname: str) -> str:
+    """The file the build system's loader opens for *soname* (loaded here, found in our maps)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(soname)
+    except OSError as e:
+        raise SystemExit(f"bundle: {soname}: {e}") from None
+    stem = soname.split(".so")[0] + ".so"
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        for line in f:
+            path = line.split(maxsplit=5)[-1].strip()
+            if os.path.basename(path).startswith(stem):
+                return path
+    raise SystemExit(f"bundle: {soname} loaded, but not found in /proc/self/maps")
+
+
+def build(out: str, prefix: str) -> str:
+    """Assemble the tree in *out* (which must not exist) for use at *prefix*; its version.
+    The interpreter is the one this environment was made from (a venv's base)."""
+    python = os.path.realpath(sys._base_executable)
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     stdlib = sysconfig.get_path("stdlib")
     dynload = sysconfig.get_config_var("DESTSHARED")
@@ -87,6 +108,9 @@ def build(out: str, prefix: str, python: str) -> str:
     install._copy_packages(os.path.join(out, install.SITE))
 
     libraries: dict[str, str] = {}
+    for soname in DLOPENED:
+        libraries[soname] = _system_library(soname)
+        libraries.update(_dependencies(libraries[soname]))
     for directory, _, files in os.walk(out):
         for name in files:
             path = os.path.join(directory, name)
@@ -116,11 +140,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the tree to create (must not exist)")
     parser.add_argument("--prefix", help="where the tree is seen when it runs (default: --out)")
-    parser.add_argument("--python", default=os.path.realpath(sys._base_executable),
-                        help="the interpreter to ship (default: this venv's, %(default)s)")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
-    name = build(out, os.path.abspath(args.prefix or out), args.python)
+    name = build(out, os.path.abspath(args.prefix or out))
     print(f"bundle {name} in {out}")
     return 0
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from . import install
+
+# The DaemonSet names the plugin dir once, in the environment, for its command and its probe.
+PLUGIN_DIR_ENV = "FLEXVOLUME_PLUGIN_DIR"
 
 
 def _wait_for_termination() -> None:
@@ -30,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for verb, helptext in commands.items():
         p = sub.add_parser(verb, help=helptext, description=helptext)
-        p.add_argument("--plugin-dir", default=install.DEFAULT_PLUGIN_DIR,
-                       help="kubelet's --volume-plugin-dir (default: %(default)s)")
+        p.add_argument("--plugin-dir",
+                       default=os.environ.get(PLUGIN_DIR_ENV) or install.DEFAULT_PLUGIN_DIR,
+                       help=f"kubelet's --volume-plugin-dir (default: ${PLUGIN_DIR_ENV}, else "
+                            f"{install.DEFAULT_PLUGIN_DIR})")
     sub.choices["install"].add_argument(
         "--keep-running", action="store_true",
         help="after installing, stay up until SIGTERM (the DaemonSet's container)")
