@@ -6,7 +6,8 @@ and kubelet calling the installed driver inside that root.
   /var/lib/flexblock-deploy-test (``$FLEXBLOCK_DEPLOY_CACHE``) outside the work tree, built
   once per machine (about a minute) under a lock, in a temporary directory renamed into place.
 - `image_tree`: the image's /opt/flexblock, built by deploy/bundle.py as the Dockerfile does,
-  without a container engine (none runs here).
+  without a container engine (none runs here), from this venv; or the tree named by
+  ``$FLEXBLOCK_IMAGE_TREE`` (e.g. copied out of a built image with `docker cp`).
 - `node`: a fresh root per test: an overlay whose lower layer is the cached image (never
   written) and whose upper layer is under tmp_path, with /dev, /proc and /sys bound in (/dev
   read-only, so that nothing removing tmp_path can ever reach the host's device nodes).
@@ -94,6 +95,8 @@ def image_tree(tmp_path_factory) -> Path:
     reason = _unusable_reason()
     if reason:
         pytest.skip(reason)
+    if os.environ.get("FLEXBLOCK_IMAGE_TREE"):
+        return Path(os.environ["FLEXBLOCK_IMAGE_TREE"])
     tree = tmp_path_factory.mktemp("image") / "flexblock"
     run(sys.executable, REPO / "deploy" / "bundle.py", "--out", tree, "--prefix", IMAGE_PREFIX)
     return tree
@@ -174,6 +177,9 @@ def node(tmp_path, node_image) -> Iterator[Node]:
     finally:
         problems = release_everything(base)
         assert not problems, f"node teardown: {problems}"
+        # The leak guard runs `losetup -j` on every file under tmp_path: spare it the node's.
+        for d in (upper, work):
+            shutil.rmtree(d)
 
 
 class NodeKubelet(Kubelet):

@@ -75,7 +75,7 @@ def test_the_image_installs_a_driver_that_serves_a_node_without_python(node: Nod
 
 
 def test_upgrade_swaps_every_driver_at_once_and_rollback_is_one_rename(node: Node, image_tree,
-                                                                        tmp_path):
+                                                                        tmp_path_factory):
     node.install(image_tree)
     store = node.path(str(STORE))
     first = os.readlink(store / install.CURRENT)
@@ -84,7 +84,7 @@ def test_upgrade_swaps_every_driver_at_once_and_rollback_is_one_rename(node: Nod
     old_pod = Pod("mounted-before-the-upgrade")
     assert kubelet.mount(old_pod, volume(share, "old")).status == "Success", kubelet.calls[-1]
 
-    node.install(newer_image(image_tree, tmp_path))
+    node.install(newer_image(image_tree, tmp_path_factory.mktemp("newer-image")))
     second = os.readlink(store / install.CURRENT)
     assert second != first and os.readlink(store / install.PREVIOUS) == first
     for driver in install.driver_names():

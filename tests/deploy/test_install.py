@@ -1,0 +1,133 @@
+"""`flexvolume install`/`uninstall`/`status` from a pip install (this venv), on the host, and the
+one ELF field the installer rewrites."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from driver.kubelet import Kubelet
+from flexvolume import elf, install
+
+SEED_SCRIPT = "#!/bin/sh\n# the seed's driver\necho '{\"status\": \"Success\"}'\n"
+
+
+def flexvolume(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """The `flexvolume` command of this venv."""
+    executable = Path(sys.executable).with_name("flexvolume")
+    return subprocess.run([executable, *map(os.fspath, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def kubelet_for(plugin_dir: Path, tmp_path: Path) -> Kubelet:
+    return Kubelet(tmp_path / "kubelet", plugin_dir, tmp_path / "flexblock.log")
+
+
+def test_install_links_every_registered_name_to_one_current_version(tmp_path):
+    plugins = tmp_path / "plugins"
+    installed = install.install(str(plugins))
+    assert list(installed.drivers) == install.driver_names()
+    store = Path(install.store_dir(str(plugins)))
+    assert os.readlink(store / install.CURRENT) == installed.version.name
+    assert not (store / install.PREVIOUS).exists()
+    kubelet = kubelet_for(plugins, tmp_path)
+    for driver, path in installed.drivers.items():
+        assert os.path.islink(path)
+        assert Path(path).resolve() == store / installed.version.name / install.DRIVER_SCRIPT
+        assert kubelet.init(driver).status == "Success"
+    # The version is a copy: nothing it runs lies in this venv but the interpreter.
+    site = Path(installed.version.path) / install.SITE
+    assert (site / "flexvolume" / "driver.py").is_file() and (site / "cffi").is_dir()
+    text = (Path(installed.version.path) / install.DRIVER_SCRIPT).read_text()
+    assert text.startswith(f"#!{os.path.realpath(sys.executable)} -IS\n")
+    assert sys.prefix not in text.replace(os.path.realpath(sys.executable), "")
+
+
+def test_install_twice_and_concurrently_leaves_one_version(tmp_path):
+    plugins = tmp_path / "plugins"
+    runs = [subprocess.Popen([Path(sys.executable).with_name("flexvolume"), "install",
+                              "--plugin-dir", plugins], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT) for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in runs]
+    assert [p.returncode for p in runs] == [0, 0, 0], outputs
+    store = Path(install.store_dir(str(plugins)))
+    assert sorted(os.listdir(store)) == sorted([".lock", install.CURRENT,
+                                                os.readlink(store / install.CURRENT)])
+    result = flexvolume("status", "--plugin-dir", plugins)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_install_over_a_seed_driver_replaces_it_and_keeps_its_other_files(tmp_path):
+    plugins = tmp_path / "plugins"
+    seed = plugins / "kvaps~loop"
+    seed.mkdir(parents=True)
+    (seed / "loop").write_text(SEED_SCRIPT)
+    (seed / "jq").write_text("not ours")
+    installed = install.install(str(plugins), [*install.driver_names(), "kvaps/loop"])
+    assert os.path.islink(seed / "loop") and (seed / "jq").read_text() == "not ours"
+    reply = kubelet_for(plugins, tmp_path).init("kvaps/loop")
+    assert reply.status == "Success" and "capabilities" in reply.body
+    assert installed.drivers["kvaps/loop"] == str(seed / "loop")
+
+
+def test_a_full_install_drops_our_names_that_are_no_longer_registered(tmp_path):
+    plugins = tmp_path / "plugins"
+    install.install(str(plugins), [*install.driver_names(), "flexblock/retired"])
+    (plugins / "other~thing").mkdir()
+    (plugins / "other~thing" / "thing").write_text(SEED_SCRIPT)
+    install.install(str(plugins))
+    assert not (plugins / "flexblock~retired").exists()
+    assert (plugins / "other~thing" / "thing").read_text() == SEED_SCRIPT
+    assert all(os.path.islink(install.driver_path(str(plugins), d))
+               for d in install.driver_names())
+
+
+def test_uninstall_removes_ours_only(tmp_path):
+    plugins = tmp_path / "plugins"
+    install.install(str(plugins), [*install.driver_names(), "kvaps/loop"])
+    (plugins / "kvaps~loop" / "jq").write_text("not ours")
+    legacy = plugins / "flexblock~old" / "old"   # the script of an install before versions
+    legacy.parent.mkdir()
+    legacy.write_text(f"#!{sys.executable} -IS\nfrom flexvolume.driver import main\nmain()\n")
+    (plugins / "other~thing").mkdir()
+    (plugins / "other~thing" / "thing").write_text(SEED_SCRIPT)
+    result = flexvolume("uninstall", "--plugin-dir", plugins)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(plugins)) == ["kvaps~loop", "other~thing"]
+    assert os.listdir(plugins / "kvaps~loop") == ["jq"]
+    assert flexvolume("uninstall", "--plugin-dir", plugins).returncode == 0   # twice is fine
+
+
+def test_status_fails_when_a_driver_is_missing_or_not_this_version(tmp_path):
+    plugins = tmp_path / "plugins"
+    assert flexvolume("status", "--plugin-dir", plugins).returncode == 1   # nothing installed
+    installed = install.install(str(plugins))
+    assert install.status(str(plugins)).ok
+    os.unlink(installed.drivers[install.driver_names()[0]])
+    state = install.status(str(plugins))
+    assert not state.ok and "cannot run" in state.drivers[install.driver_names()[0]]
+
+
+def test_set_interpreter_refuses_what_does_not_fit_and_leaves_the_file_unchanged(tmp_path):
+    """(Rewriting into the room a bundle reserves is what test_node.py's installs do.)"""
+    program = tmp_path / "true"
+    shutil.copy2("/bin/true", program)
+    loader = elf.interpreter(str(program))
+    assert os.path.isfile(loader)
+    before = program.read_bytes()
+    for path, code in (("/" + "x" * len(loader), errno.ENAMETOOLONG),
+                       ("lib64/ld.so", errno.EINVAL)):
+        with pytest.raises(elf.ElfError) as failure:
+            elf.set_interpreter(str(program), path)
+        assert failure.value.errno == code
+    assert program.read_bytes() == before
+    assert subprocess.run([program]).returncode == 0
+    with pytest.raises(elf.ElfError) as failure:
+        elf.set_interpreter(__file__, loader)
+    assert failure.value.errno == errno.ENOEXEC
