@@ -419,7 +419,7 @@ def uninstall(plugin_dir: str = DEFAULT_PLUGIN_DIR) -> list[str]:
     with _Lock(store):
         entries = _entries(plugin_dir, store)
         host = driver_path(plugin_dir, driver_names()[0])
-        for path in sorted(entries.values(), key=lambda p: p == host):
+        for path in entries.values():
             if path != host:
                 _remove_entry(path)
         for name in os.listdir(store):

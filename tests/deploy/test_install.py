@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,21 @@ def test_install_twice_and_concurrently_leaves_one_version(tmp_path):
                                                 os.readlink(store / install.CURRENT)])
     result = flexvolume("status", "--plugin-dir", plugins)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_daemonset_command_installs_stays_up_and_leaves_the_driver_at_sigterm(tmp_path):
+    plugins = tmp_path / "plugins"
+    env = {**os.environ, "FLEXVOLUME_PLUGIN_DIR": str(plugins)}   # as the manifest sets it
+    process = subprocess.Popen([Path(sys.executable).with_name("flexvolume"), "install",
+                                "--keep-running"], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert process.stdout.readline().startswith("installed ")
+        assert process.poll() is None
+        assert install.status(str(plugins)).ok
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert install.status(str(plugins)).ok
 
 
 def test_install_over_a_seed_driver_replaces_it_and_keeps_its_other_files(tmp_path):
