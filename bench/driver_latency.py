@@ -48,8 +48,8 @@ def _install_bundle(work: str) -> str | None:
     if shutil.which("patchelf") is None:
         return None
     tree = os.path.join(work, "image")
-    subprocess.run([sys.executable, os.path.join(HERE, "..", "deploy", "bundle.py"), "--out", tree],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "deploy", "bundle.py"),
+                    "--out", tree], check=True, stdout=subprocess.DEVNULL)
     plugins = os.path.join(work, "plugins-image")
     subprocess.run([os.path.join(tree, install.CLI_SCRIPT), "install", "--plugin-dir", plugins],
                    check=True, stdout=subprocess.DEVNULL)
@@ -69,7 +69,8 @@ def main() -> int:
         os.makedirs(share)
         os.makedirs(pod, 0o750)
         mounts.mount("tmpfs", share, "tmpfs", 0, "size=1200m")
-        driver = install.install(os.path.join(work, "plugins"), ["kvaps/loop"]).drivers["kvaps/loop"]
+        installed = install.install(os.path.join(work, "plugins"), ["kvaps/loop"])
+        driver = installed.drivers["kvaps/loop"]
         bundled = _install_bundle(work)
         env = {**os.environ, "FLEXBLOCK_LOG_FILE": os.path.join(work, "driver.log")}
         options = json.dumps({"file": "/kube-volumes/bench", "kubernetes.io/fsType": "ext4",

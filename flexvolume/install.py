@@ -141,25 +141,37 @@ def _copy_file(source: str, target: str) -> None:
     shutil.copy2(source, target)
 
 
+def _write_metadata(site: str, dist: importlib.metadata.Distribution) -> None:
+    """Our own metadata (name, version, requirements, packages), whatever format the source
+    install keeps it in, so that the copy can install and check itself."""
+    info = os.path.join(site, f"{DISTRIBUTION}-{dist.version}.dist-info")
+    os.makedirs(info)
+    requires = "".join(f"Requires-Dist: {r}\n" for r in dist.requires or [])
+    with open(os.path.join(info, "METADATA"), "w", encoding="utf-8") as f:
+        f.write(f"Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: {dist.version}\n{requires}")
+    with open(os.path.join(info, "top_level.txt"), "w", encoding="utf-8") as f:
+        f.write(dist.read_text("top_level.txt") or "")
+
+
 def _copy_packages(site: str) -> None:
     """Our packages and their dependencies' files into *site*. Ours are copied from wherever
     the import system finds them (an editable install included)."""
     for dist in _distributions():
-        if dist.metadata["Name"].lower() == DISTRIBUTION:
-            for top in (dist.read_text("top_level.txt") or "").split():
-                spec = importlib.util.find_spec(top)
-                if spec is None:
-                    raise InstallError(2, f"package {top} of {DISTRIBUTION} is not importable",
-                                       top)
-                if spec.submodule_search_locations:
-                    shutil.copytree(list(spec.submodule_search_locations)[0],
-                                    os.path.join(site, top), dirs_exist_ok=True)
-                else:
-                    _copy_file(spec.origin, os.path.join(site, os.path.basename(spec.origin)))
+        if dist.metadata["Name"].lower() != DISTRIBUTION:
+            for file in dist.files or []:
+                if file.parts[0] != "..":
+                    _copy_file(str(dist.locate_file(file)), os.path.join(site, *file.parts))
             continue
-        for file in dist.files or []:
-            if file.parts[0] != "..":
-                _copy_file(str(dist.locate_file(file)), os.path.join(site, *file.parts))
+        _write_metadata(site, dist)
+        for top in (dist.read_text("top_level.txt") or "").split():
+            spec = importlib.util.find_spec(top)
+            if spec is None:
+                raise InstallError(2, f"package {top} of {DISTRIBUTION} is not importable", top)
+            if spec.submodule_search_locations:
+                shutil.copytree(list(spec.submodule_search_locations)[0],
+                                os.path.join(site, top), dirs_exist_ok=True)
+            else:
+                _copy_file(spec.origin, os.path.join(site, os.path.basename(spec.origin)))
 
 
 def tree_digest(root: str, exclude: Iterable[str] = ()) -> str:

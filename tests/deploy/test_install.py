@@ -26,12 +26,20 @@ def flexvolume(*args: str | os.PathLike) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.fixture
+def plugins(tmp_path):
+    """A plugin dir, removed at teardown: the leak guard runs `losetup -j` on every file left
+    under tmp_path, and a version holds hundreds."""
+    path = tmp_path / "plugins"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def kubelet_for(plugin_dir: Path, tmp_path: Path) -> Kubelet:
     return Kubelet(tmp_path / "kubelet", plugin_dir, tmp_path / "flexblock.log")
 
 
-def test_install_links_every_registered_name_to_one_current_version(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_install_links_every_registered_name_to_one_current_version(tmp_path, plugins):
     installed = install.install(str(plugins))
     assert list(installed.drivers) == install.driver_names()
     store = Path(install.store_dir(str(plugins)))
@@ -48,10 +56,13 @@ def test_install_links_every_registered_name_to_one_current_version(tmp_path):
     text = (Path(installed.version.path) / install.DRIVER_SCRIPT).read_text()
     assert text.startswith(f"#!{os.path.realpath(sys.executable)} -IS\n")
     assert sys.prefix not in text.replace(os.path.realpath(sys.executable), "")
+    # The installed copy's own command knows itself for what is installed.
+    result = subprocess.run([Path(installed.version.path) / install.CLI_SCRIPT, "status",
+                             "--plugin-dir", plugins], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_install_twice_and_concurrently_leaves_one_version(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_install_twice_and_concurrently_leaves_one_version(plugins):
     runs = [subprocess.Popen([Path(sys.executable).with_name("flexvolume"), "install",
                               "--plugin-dir", plugins], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT) for _ in range(3)]
@@ -64,8 +75,7 @@ def test_install_twice_and_concurrently_leaves_one_version(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_daemonset_command_installs_stays_up_and_leaves_the_driver_at_sigterm(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_the_daemonset_command_installs_stays_up_and_leaves_the_driver_at_sigterm(plugins):
     env = {**os.environ, "FLEXVOLUME_PLUGIN_DIR": str(plugins)}   # as the manifest sets it
     process = subprocess.Popen([Path(sys.executable).with_name("flexvolume"), "install",
                                 "--keep-running"], stdout=subprocess.PIPE, env=env, text=True)
@@ -79,8 +89,7 @@ def test_the_daemonset_command_installs_stays_up_and_leaves_the_driver_at_sigter
     assert install.status(str(plugins)).ok
 
 
-def test_install_over_a_seed_driver_replaces_it_and_keeps_its_other_files(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_install_over_a_seed_driver_replaces_it_and_keeps_its_other_files(tmp_path, plugins):
     seed = plugins / "kvaps~loop"
     seed.mkdir(parents=True)
     (seed / "loop").write_text(SEED_SCRIPT)
@@ -92,8 +101,7 @@ def test_install_over_a_seed_driver_replaces_it_and_keeps_its_other_files(tmp_pa
     assert installed.drivers["kvaps/loop"] == str(seed / "loop")
 
 
-def test_a_full_install_drops_our_names_that_are_no_longer_registered(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_a_full_install_drops_our_names_that_are_no_longer_registered(plugins):
     install.install(str(plugins), [*install.driver_names(), "flexblock/retired"])
     (plugins / "other~thing").mkdir()
     (plugins / "other~thing" / "thing").write_text(SEED_SCRIPT)
@@ -104,8 +112,7 @@ def test_a_full_install_drops_our_names_that_are_no_longer_registered(tmp_path):
                for d in install.driver_names())
 
 
-def test_uninstall_removes_ours_only(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_uninstall_removes_ours_only(plugins):
     install.install(str(plugins), [*install.driver_names(), "kvaps/loop"])
     (plugins / "kvaps~loop" / "jq").write_text("not ours")
     legacy = plugins / "flexblock~old" / "old"   # the script of an install before versions
@@ -120,8 +127,7 @@ def test_uninstall_removes_ours_only(tmp_path):
     assert flexvolume("uninstall", "--plugin-dir", plugins).returncode == 0   # twice is fine
 
 
-def test_status_fails_when_a_driver_is_missing_or_not_this_version(tmp_path):
-    plugins = tmp_path / "plugins"
+def test_status_fails_when_a_driver_is_missing_or_not_this_version(plugins):
     assert flexvolume("status", "--plugin-dir", plugins).returncode == 1   # nothing installed
     installed = install.install(str(plugins))
     assert install.status(str(plugins)).ok
