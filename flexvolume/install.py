@@ -288,16 +288,25 @@ def _readlink(path: str) -> str | None:
 
 
 class _Lock:
-    """An exclusive lock on the store, so that installs and uninstalls run one at a time."""
+    """An exclusive lock on the store, so that installs and uninstalls run one at a time. An
+    uninstall removes the store, lock file included: a waiter then locks the new one."""
 
     def __init__(self, store: str):
-        os.makedirs(store, mode=0o755, exist_ok=True)
-        self.fd = os.open(os.path.join(store, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                          0o600)
+        self.store = store
+        self.fd = -1
 
     def __enter__(self) -> _Lock:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+        path = os.path.join(self.store, ".lock")
+        while True:
+            os.makedirs(self.store, mode=0o755, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)

@@ -62,15 +62,22 @@ def test_install_links_every_registered_name_to_one_current_version(tmp_path, pl
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_install_twice_and_concurrently_leaves_one_version(plugins):
-    runs = [subprocess.Popen([Path(sys.executable).with_name("flexvolume"), "install",
+def test_installs_and_uninstalls_run_concurrently_and_leave_a_consistent_state(plugins):
+    verbs = ["install", "uninstall", "install", "install", "uninstall", "install"]
+    runs = [subprocess.Popen([Path(sys.executable).with_name("flexvolume"), verb,
                               "--plugin-dir", plugins], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT) for _ in range(3)]
+                             stderr=subprocess.STDOUT) for verb in verbs]
     outputs = [p.communicate(timeout=120)[0].decode() for p in runs]
-    assert [p.returncode for p in runs] == [0, 0, 0], outputs
+    assert [p.returncode for p in runs] == [0] * len(verbs), outputs
     store = Path(install.store_dir(str(plugins)))
-    assert sorted(os.listdir(store)) == sorted([".lock", install.CURRENT,
-                                                os.readlink(store / install.CURRENT)])
+    if store.exists():   # an install came last: installed, one version, no temporaries
+        assert sorted(os.listdir(store)) == sorted([".lock", install.CURRENT,
+                                                    os.readlink(store / install.CURRENT)])
+        assert install.status(str(plugins)).ok
+    else:                # an uninstall came last: nothing of ours
+        assert os.listdir(plugins) == []
+    result = flexvolume("install", "--plugin-dir", plugins)
+    assert result.returncode == 0, result.stderr
     result = flexvolume("status", "--plugin-dir", plugins)
     assert result.returncode == 0, result.stdout + result.stderr
 
