@@ -26,6 +26,7 @@ it, and start-up stays that of the bare interpreter.
 from __future__ import annotations
 
 import compileall
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -126,8 +127,8 @@ def _distributions() -> list[importlib.metadata.Distribution]:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
             if name == DISTRIBUTION:
-                raise InstallError(2, f"the {DISTRIBUTION} distribution is not installed "
-                                   "(pip install it)", name) from None
+                raise InstallError(errno.ENOENT, f"the {DISTRIBUTION} distribution is not "
+                                   "installed (pip install it)", name) from None
             continue
         seen[key] = dist
         for requirement in dist.requires or []:
@@ -166,7 +167,8 @@ def _copy_packages(site: str) -> None:
         for top in (dist.read_text("top_level.txt") or "").split():
             spec = importlib.util.find_spec(top)
             if spec is None:
-                raise InstallError(2, f"package {top} of {DISTRIBUTION} is not importable", top)
+                raise InstallError(errno.ENOENT, f"package {top} of {DISTRIBUTION} is not "
+                                   "importable", top)
             if spec.submodule_search_locations:
                 shutil.copytree(list(spec.submodule_search_locations)[0],
                                 os.path.join(site, top), dirs_exist_ok=True)
@@ -227,9 +229,9 @@ def script(python: str, site: str, call: str) -> str:
     interpreter's standard library)."""
     shebang = f"#!{python} -IS"
     if len(shebang) > SHEBANG_MAX:
-        raise InstallError(36, f"the interpreter line {shebang!r} is longer than the "
-                           f"{SHEBANG_MAX} bytes kernels before 5.1 read; use a shorter "
-                           "plugin directory", python)
+        raise InstallError(errno.ENAMETOOLONG, f"the interpreter line {shebang!r} is longer "
+                           f"than the {SHEBANG_MAX} bytes kernels before 5.1 read; use a "
+                           "shorter plugin directory", python)
     return f"{shebang}\nimport sys\nsys.path[:0] = [{site!r}]\n{call}\n"
 
 
@@ -283,7 +285,7 @@ def _symlink(target: str, path: str) -> None:
 def _readlink(path: str) -> str | None:
     try:
         return os.readlink(path)
-    except (FileNotFoundError, OSError):
+    except OSError:   # absent, or not a link
         return None
 
 

@@ -160,3 +160,10 @@ def test_set_interpreter_refuses_what_does_not_fit_and_leaves_the_file_unchanged
     with pytest.raises(elf.ElfError) as failure:
         elf.set_interpreter(__file__, loader)
     assert failure.value.errno == errno.ENOEXEC
+
+
+def test_an_interpreter_line_old_kernels_would_cut_is_refused(plugins):
+    deep = plugins / ("d" * 60) / ("e" * 60)
+    with pytest.raises(install.InstallError) as failure:
+        install.script(str(deep / "bin" / "python3"), str(deep / "site-packages"), "pass")
+    assert failure.value.errno == errno.ENAMETOOLONG
