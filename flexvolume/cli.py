@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "install": "install this version under every registered driver name and make it current",
         "uninstall": "remove every driver of ours and all installed versions",
         "status": "show the installed versions and each driver's init reply; exit 0 when the "
-                  "current version is this one and every driver answers init",
+                  "current version is this one and every driver runs and answers init",
     }
     for verb, helptext in commands.items():
         p = sub.add_parser(verb, help=helptext, description=helptext)

@@ -80,7 +80,7 @@ class Status(NamedTuple):
     current: str | None       # version names, None when absent
     previous: str | None
     drivers: dict[str, str]   # driver name -> its init reply (or the error)
-    ok: bool                  # current is this copy, and every driver answers init
+    ok: bool                  # current is this copy, and every driver runs and answers init
 
 
 # -- names and places -------------------------------------------------------------------------
@@ -470,16 +470,19 @@ def own_version() -> str:
         return _pip_version(temp, os.path.realpath(sys.executable))
 
 
-def _is_success(reply: str) -> bool:
+def _answers(reply: str) -> bool:
+    """Whether *reply* is a driver's answer (a Failure included: a backend may answer init
+    with what this node lacks, e.g. sheepdog) rather than the output of a driver that does not
+    run."""
     try:
-        return json.loads(reply).get("status") == "Success"
+        return json.loads(reply).get("status") in ("Success", "Failure", "Not supported")
     except (ValueError, AttributeError):
         return False
 
 
 def status(plugin_dir: str = DEFAULT_PLUGIN_DIR, timeout: float = 10.0) -> Status:
     """The installed versions, and every registered driver's ``init`` reply, run as kubelet
-    runs it. ``ok`` when the current version is this copy and every driver answers Success."""
+    runs it. ``ok`` when the current version is this copy and every driver answers."""
     store = store_dir(plugin_dir)
     current = _readlink(os.path.join(store, CURRENT))
     replies = {}
@@ -491,5 +494,5 @@ def status(plugin_dir: str = DEFAULT_PLUGIN_DIR, timeout: float = 10.0) -> Statu
             replies[driver] = p.stdout.decode("utf-8", "replace").strip()
         except (OSError, subprocess.TimeoutExpired) as e:
             replies[driver] = f"cannot run {path}: {e}"
-    ok = current == own_version() and all(map(_is_success, replies.values()))
+    ok = current == own_version() and all(map(_answers, replies.values()))
     return Status(current, _readlink(os.path.join(store, PREVIOUS)), replies, ok)

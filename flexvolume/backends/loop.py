@@ -16,10 +16,21 @@ from loopctl import LoopDevice
 from ..mounts import MountEntry
 
 LOOP_MAJOR = 7
+IMAGE_FORMATS = ("raw",)
 
 
-def attach(image_fd: int, *, read_only: bool, lock: bool) -> LoopDevice:
+def lock_image(fd: int, *, read_only: bool, path: str) -> None:
+    loopctl.lock_image(fd, exclusive=not read_only, path=path)
+
+
+def attach(image_fd: int, *, read_only: bool, lock: bool, image_format: str = "raw",
+           path: str | None = None) -> LoopDevice:
     return loopctl.attach(image_fd, read_only=read_only, autoclear=True, lock=lock)
+
+
+def collect() -> None:
+    """Nothing to collect: autoclear unbinds a device at its last close, also when the driver
+    that attached it is killed."""
 
 
 def device_for(mount: MountEntry) -> LoopDevice | None:
