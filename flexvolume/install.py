@@ -43,7 +43,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from . import elf
-from .backends import BACKENDS
+from .backends import BACKENDS, SEED_ALIASES
 
 DEFAULT_PLUGIN_DIR = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"
 VENDOR = "flexblock"
@@ -85,9 +85,9 @@ class Status(NamedTuple):
 
 # -- names and places -------------------------------------------------------------------------
 def driver_names() -> list[str]:
-    """The driver names to install: each registered backend, under our vendor unless it names
-    its own (the seeds' aliases, e.g. ``kvaps/loop``)."""
-    return [name if "/" in name else f"{VENDOR}/{name}" for name in BACKENDS]
+    """The driver names to install: each registered backend under our vendor, and the seeds'
+    names (e.g. ``kvaps/loop``)."""
+    return [f"{VENDOR}/{name}" for name in BACKENDS] + list(SEED_ALIASES)
 
 
 def driver_path(plugin_dir: str, driver: str) -> str:
