@@ -21,12 +21,11 @@ from .backends import BACKENDS
 # kubelet chowning every file at every mount); selinuxRelabel true (ext4, xfs and btrfs keep
 # labels); requiresFSResize true where we implement expandfs (an NBD device cannot grow while
 # connected); supportsMetrics true (kubelet statfs's the mount, no driver call). The protocol
-# tests check this text against json.dumps of the same. Drivers missing here (sheepdog) ask
-# their backend's init(), which checks the node's tools.
+# tests check this text against json.dumps of the same.
 _INIT = ('{{"status":"Success","capabilities":{{"attach":false,"fsGroup":false,'
          '"requiresFSResize":{},"selinuxRelabel":true,"supportsMetrics":true}}}}')
 INIT_REPLIES = {"loop": _INIT.format("true"), "qemu-nbd": _INIT.format("false"),
-                "nbd": _INIT.format("false")}
+                "nbd": _INIT.format("false"), "sheepdog": _INIT.format("false")}
 NOT_SUPPORTED_REPLY = '{"status":"Not supported"}'
 
 # command -> number of arguments after it
@@ -59,8 +58,10 @@ def _call(driver: str, command: str, args: list[str]) -> tuple[str, int]:
     if backend is None:
         return json.dumps({"status": "Failure", "message": f"unknown driver name {driver!r}; "
                            f"install it as one of: {', '.join(BACKENDS)}"}), 1
-    check = getattr(backend, "check", None)  # a backend that cannot work on this node
-    if check is not None and command in ("init", "mount"):
+    # A backend that cannot work on this node says why at mount, where the pod's events show
+    # it; a Failure at init would only unregister the plugin (and kubelet retries it forever).
+    check = getattr(backend, "check", None)
+    if check is not None and command == "mount":
         try:
             check()
         except DriverError as e:

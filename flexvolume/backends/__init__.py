@@ -14,6 +14,10 @@ BACKENDS = {
     "sheepdog": "flexvolume.backends.sheepdog",
 }
 
+# The seeds' driver names, installed too so that their pod specs work unchanged; each is served
+# by the backend of its basename (kvaps~loop/loop -> "loop").
+SEED_ALIASES = ("kvaps/loop", "kvaps/qemu-nbd", "kvaps/nbd", "kvaps/sheepdog")
+
 
 def load(driver_name: str):
     """The backend module for *driver_name*, or None."""

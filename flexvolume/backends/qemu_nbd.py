@@ -116,23 +116,13 @@ class NbdVolume:
 def _devices_of(ident: str | None = None) -> dict[int, str]:
     """index -> image id of every NBD device connected by this backend (for *ident* only, if
     given)."""
-    found: dict[int, str] = {}
     try:
-        states = nbd.status()
+        devices = nbd.connected()
     except nbd.NotSupported:
-        return found  # no nbd driver in this kernel: no device of ours either
-    for state in states:
-        if not state.connected:
-            continue
-        try:
-            backend = nbd.info(state.index).backend or ""
-        except OSError:
-            continue  # gone meanwhile
-        if backend.startswith(BACKEND_PREFIX):
-            owner = backend[len(BACKEND_PREFIX):]
-            if ident is None or owner == ident:
-                found[state.index] = owner
-    return found
+        return {}  # no nbd driver in this kernel: no device of ours either
+    found = {d.index: d.backend[len(BACKEND_PREFIX):] for d in devices
+             if d.backend and d.backend.startswith(BACKEND_PREFIX)}
+    return {i: owner for i, owner in found.items() if ident is None or owner == ident}
 
 
 def _is_mounted(index: int) -> bool:

@@ -2,9 +2,9 @@
 
 Sheepdog is gone from every package registry, and qemu removed its sheepdog block driver in
 6.0, so attaching a VDI needs the `dog` CLI and an old qemu-nbd built with that driver. Every
-init and mount answer a Failure that names what this node lacks; on a node that has both they
-say that flexblock itself does not attach VDIs (it serves image files only). unmount works as
-the qemu-nbd driver's, which also leaves alone devices it did not connect.
+mount answers a Failure that names what this node lacks; on a node that has both it says that
+flexblock itself does not attach VDIs (it serves image files only). unmount works as the
+qemu-nbd driver's, which also leaves alone devices it did not connect.
 """
 
 from __future__ import annotations

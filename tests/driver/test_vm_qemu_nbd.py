@@ -41,7 +41,7 @@ def _idents_under(root) -> set[str]:
 def ours(share) -> tuple[dict[int, str], list[server.Server]]:
     """Connected devices (index -> backend) and running servers of the images under *share*."""
     idents = _idents_under(share)
-    devices = {s.index: nbd.info(s.index).backend for s in nbd.status() if s.connected}
+    devices = {d.index: d.backend for d in nbd.connected()}
     devices = {i: b for i, b in devices.items() if b and b.startswith("flexblock:")
                and b.split(":", 1)[1] in idents}
     return devices, [s for s in server.list_servers() if s.image_id in idents]
