@@ -454,9 +454,10 @@ def uninstall(plugin_dir: str = DEFAULT_PLUGIN_DIR) -> list[str]:
                     os.unlink(path)
         os.unlink(os.path.join(store, ".lock"))
         os.rmdir(store)
-        if host in entries.values():
-            # Last: kubelet's final event for this directory is then the driver's removal.
-            _remove_entry(host)
+        # Last: kubelet's final event for this directory is then the driver's removal. Also
+        # when the host link was never made: a waiting install's lock loop may have created
+        # the directory and store that we just removed.
+        _remove_entry(host)
     return sorted(entries.values())
 
 
