@@ -1,6 +1,7 @@
 """cffi (API mode) builders for the kernel interfaces flexblock talks to: loopctl._ffi (loop
-devices, block ioctls, OFD locks), nbd._ffi (the nbd generic-netlink family) and
-flexvolume._ffi (mount(2), umount2(2), prctl(2)).
+devices, block ioctls, OFD locks, and loopctl's attach and detach sequences in C, whose
+syscalls would each cost more in the interpreter than in the kernel), nbd._ffi (the nbd
+generic-netlink family) and flexvolume._ffi (mount(2), umount2(2), prctl(2)).
 
 Everything here is compiled against the installed headers, so ioctl numbers, flag values and
 struct layouts come from <linux/loop.h>, <linux/fs.h>, <fcntl.h>, <linux/nbd.h>,
@@ -43,6 +44,7 @@ loop_ffi.cdef(
     #define BLKSSZGET ...
     #define BLKFLSBUF ...
     #define BLKGETDISKSEQ ...
+    #define LOOP_MAJOR ...
 
     struct loop_info64 {
         uint64_t lo_device;
@@ -79,7 +81,33 @@ loop_ffi.cdef(
     int fb_ioctl_ptr(int fd, unsigned long request, void *arg);
     int fb_ioctl_int(int fd, unsigned long request, unsigned long arg);
     int fb_fcntl_lock(int fd, int cmd, struct flock *lock);
-    int fb_write_back(int fd);
+
+    enum {
+        FB_GET_FREE = ..., FB_OPEN = ..., FB_CONFIGURE = ..., FB_GET_STATUS = ...,
+        FB_GET_SIZE = ..., FB_GET_DISKSEQ = ..., FB_DONE = ...,
+    };
+    struct fb_attach {
+        int control_fd;
+        char node_prefix[32];
+        int node_flags;
+        unsigned int part_shift;
+        struct loop_config config;
+        int step;
+        int until;
+        int number;
+        int dev_fd;
+        struct loop_info64 status;
+        uint64_t size;
+        uint64_t diskseq;
+    };
+    void fb_attach_init(struct fb_attach *a, int control_fd, const char *node_prefix,
+                        int node_flags, unsigned int part_shift, int backing_fd,
+                        unsigned int block_size, uint64_t offset, uint64_t sizelimit,
+                        unsigned int flags, const char *file_name, size_t file_name_len);
+    int fb_attach(struct fb_attach *a);
+
+    enum { FB_WRITE_BACK = ..., FB_FSYNC = ..., FB_CLR_FD = ... };
+    int fb_detach(int fd, int durable, int *failed);
     """
 )
 
@@ -89,9 +117,15 @@ loop_ffi.set_source(
     #define _GNU_SOURCE
     #include <errno.h>
     #include <fcntl.h>
+    #include <stdio.h>
+    #include <string.h>
+    #include <unistd.h>
     #include <sys/ioctl.h>
+    #include <sys/stat.h>
+    #include <sys/sysmacros.h>
     #include <linux/fs.h>
     #include <linux/loop.h>
+    #include <linux/major.h>
 
     static int fb_ioctl_ptr(int fd, unsigned long request, void *arg)
     {
@@ -111,13 +145,138 @@ loop_ffi.set_source(
         return r < 0 ? -errno : r;
     }
 
-    /* Write back every dirty page of the file (here: a block device's cache) and wait for
-       it, without asking the storage below for a cache flush as fsync would. */
-    static int fb_write_back(int fd)
+    /* The hot path of loopctl.attach() in one call, from LOOP_CTL_GET_FREE to reading the new
+       binding back; loopctl/device.py keeps the policy (retries, fallbacks, verification).
+
+       Runs the steps from a->step up to, not including, a->until, and returns 0, or -errno
+       with a->step left at the step that failed, so that the caller can do that step its own
+       way and resume at the next. a->dev_fd is -1 before FB_OPEN and the open device after it,
+       also when a later step failed (the caller closes it). The last three steps alone read
+       back any bound device. */
+    enum {
+        FB_GET_FREE, FB_OPEN, FB_CONFIGURE, FB_GET_STATUS, FB_GET_SIZE, FB_GET_DISKSEQ, FB_DONE,
+    };
+    struct fb_attach {
+        int control_fd;             /* /dev/loop-control */
+        char node_prefix[32];       /* "/dev/loop": the node's path is this and the number */
+        int node_flags;             /* open(2) flags for the node */
+        unsigned int part_shift;    /* the device's minor is its number << part_shift */
+        struct loop_config config;  /* for LOOP_CONFIGURE */
+        int step;
+        int until;
+        int number;                 /* out of FB_GET_FREE */
+        int dev_fd;                 /* out of FB_OPEN */
+        struct loop_info64 status;  /* out of FB_GET_STATUS */
+        uint64_t size;              /* out of FB_GET_SIZE */
+        uint64_t diskseq;           /* out of FB_GET_DISKSEQ */
+    };
+
+    /* A sequence to run from FB_GET_FREE: one call where Python would make a dozen stores. */
+    static void fb_attach_init(struct fb_attach *a, int control_fd, const char *node_prefix,
+                               int node_flags, unsigned int part_shift, int backing_fd,
+                               unsigned int block_size, uint64_t offset, uint64_t sizelimit,
+                               unsigned int flags, const char *file_name, size_t file_name_len)
+    {
+        memset(a, 0, sizeof *a);
+        a->control_fd = control_fd;
+        strncpy(a->node_prefix, node_prefix, sizeof a->node_prefix - 1);
+        a->node_flags = node_flags;
+        a->part_shift = part_shift;
+        a->config.fd = (uint32_t)backing_fd;
+        a->config.block_size = block_size;
+        a->config.info.lo_offset = offset;
+        a->config.info.lo_sizelimit = sizelimit;
+        a->config.info.lo_flags = flags;
+        /* The kernel forces the terminating NUL itself; we keep it inside anyway. */
+        if (file_name_len > LO_NAME_SIZE - 1)
+            file_name_len = LO_NAME_SIZE - 1;
+        memcpy(a->config.info.lo_file_name, file_name, file_name_len);
+        a->step = FB_GET_FREE;
+        a->dev_fd = -1;
+    }
+
+    static int fb_open_node(struct fb_attach *a)
+    {
+        char path[sizeof a->node_prefix + 12];
+        struct stat st;
+        snprintf(path, sizeof path, "%s%d", a->node_prefix, a->number);
+        int fd = open(path, a->node_flags);
+        if (fd < 0)
+            return -errno;
+        /* A static /dev can hold a node named loopN that is another device: _devnode.open_node
+           checks the same, and the caller hands it this step when it fails here. */
+        if (fstat(fd, &st) < 0 || !S_ISBLK(st.st_mode) ||
+            st.st_rdev != makedev(LOOP_MAJOR, (unsigned int)a->number << a->part_shift)) {
+            close(fd);
+            return -ENODEV;
+        }
+        a->dev_fd = fd;
+        return 0;
+    }
+
+    static int fb_attach_step(struct fb_attach *a)
+    {
+        int r;
+        switch (a->step) {
+        case FB_GET_FREE:
+            r = ioctl(a->control_fd, LOOP_CTL_GET_FREE);
+            if (r >= 0)
+                a->number = r;
+            break;
+        case FB_OPEN:
+            return fb_open_node(a);
+        case FB_CONFIGURE:
+            r = ioctl(a->dev_fd, LOOP_CONFIGURE, &a->config);
+            break;
+        case FB_GET_STATUS:
+            r = ioctl(a->dev_fd, LOOP_GET_STATUS64, &a->status);
+            break;
+        case FB_GET_SIZE:
+            r = ioctl(a->dev_fd, BLKGETSIZE64, &a->size);
+            break;
+        case FB_GET_DISKSEQ:
+            r = ioctl(a->dev_fd, BLKGETDISKSEQ, &a->diskseq);
+            /* Before 5.15 there is no diskseq: ENOTTY, reported as 0. */
+            if (r < 0 && errno == ENOTTY) {
+                a->diskseq = 0;
+                r = 0;
+            }
+            break;
+        default:
+            return -EINVAL;
+        }
+        return r < 0 ? -errno : 0;
+    }
+
+    static int fb_attach(struct fb_attach *a)
+    {
+        for (; a->step < a->until; a->step++) {
+            int r = fb_attach_step(a);
+            if (r < 0)
+                return r;
+        }
+        return 0;
+    }
+
+    /* LoopDevice.detach(): write the device's cache back into the backing file (durable: and
+       make the file durable), then LOOP_CLR_FD. Returns 0, or -errno with *failed naming the
+       step. sync_file_range writes dirty pages back and waits for them without asking the
+       storage below for a cache flush, as fsync would. */
+    enum { FB_WRITE_BACK, FB_FSYNC, FB_CLR_FD };
+
+    static int fb_detach(int fd, int durable, int *failed)
     {
         unsigned int how = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                            SYNC_FILE_RANGE_WAIT_AFTER;
-        return sync_file_range(fd, 0, 0, how) < 0 ? -errno : 0;
+        if (durable ? fsync(fd) < 0 : sync_file_range(fd, 0, 0, how) < 0) {
+            *failed = durable ? FB_FSYNC : FB_WRITE_BACK;
+            return -errno;
+        }
+        if (ioctl(fd, LOOP_CLR_FD, 0) < 0) {
+            *failed = FB_CLR_FD;
+            return -errno;
+        }
+        return 0;
     }
     """,
 )

@@ -18,6 +18,7 @@ from . import _sysfs
 from .errors import LoopError, NotALoopDevice
 
 DEV_DIR = "/dev"
+NODE_PREFIX = f"{DEV_DIR}/loop"
 # libudev's own test for a running udevd (udev_queue_get_udev_is_active).
 UDEV_CONTROL = "/run/udev/control"
 NODE_TIMEOUT = 5.0
@@ -27,7 +28,11 @@ _OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 def node_path(number: int) -> str:
-    return f"{DEV_DIR}/loop{number}"
+    return f"{NODE_PREFIX}{number}"
+
+
+def open_flags(writable: bool) -> int:
+    return _OPEN_FLAGS | (os.O_RDWR if writable else os.O_RDONLY)
 
 
 def udevd_running() -> bool:
@@ -37,7 +42,7 @@ def udevd_running() -> bool:
 def open_node(number: int, *, writable: bool, timeout: float = NODE_TIMEOUT) -> int:
     """Open loop device *number*, checking that the node really is that device."""
     path = node_path(number)
-    flags = _OPEN_FLAGS | (os.O_RDWR if writable else os.O_RDONLY)
+    flags = open_flags(writable)
     try:
         fd = os.open(path, flags)
     except OSError as e:

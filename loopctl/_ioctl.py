@@ -1,4 +1,5 @@
-"""The loop and block ioctls, one thin function each, over the compiled binding.
+"""The loop and block ioctls over the compiled binding: one thin function each, and the attach
+and detach sequences that run several of them in one call (fb_attach, fb_detach in build.py).
 
 Named tuples come from collections, not typing: the driver imports this module on every
 kubelet call, and typing alone costs it milliseconds.
@@ -11,10 +12,9 @@ from __future__ import annotations
 
 import collections
 import enum
-import errno
 
 from ._ffi import ffi, lib
-from .errors import error_from_errno
+from .errors import LoopError, error_from_errno
 
 LO_NAME_SIZE: int = lib.LO_NAME_SIZE
 
@@ -28,7 +28,7 @@ class LoopFlags(enum.IntFlag):
     DIRECT_IO = lib.LO_FLAGS_DIRECT_IO
 
 
-# get_status(): what LOOP_GET_STATUS64 reports for a bound device
+# What LOOP_GET_STATUS64 reports for a bound device (read_back())
 Status = collections.namedtuple(
     "Status", "backing_devno backing_inode offset sizelimit number flags file_name")
 
@@ -47,11 +47,6 @@ def _call_int(fd: int, request: int, arg: int, path: str | None, what: str) -> i
     return r
 
 
-def get_free(ctl_fd: int) -> int:
-    """LOOP_CTL_GET_FREE: the number of an unbound device, created if none is free."""
-    return _call_int(ctl_fd, lib.LOOP_CTL_GET_FREE, 0, "/dev/loop-control", "LOOP_CTL_GET_FREE")
-
-
 def _fill_info(info, offset: int, sizelimit: int, flags: int, file_name: bytes) -> None:
     info.lo_offset = offset
     info.lo_sizelimit = sizelimit
@@ -60,14 +55,69 @@ def _fill_info(info, offset: int, sizelimit: int, flags: int, file_name: bytes) 
     ffi.memmove(info.lo_file_name, file_name[: LO_NAME_SIZE - 1], min(len(file_name), LO_NAME_SIZE - 1))
 
 
-def configure(fd: int, backing_fd: int, *, block_size: int, offset: int, sizelimit: int,
-              flags: int, file_name: bytes, path: str) -> None:
-    """LOOP_CONFIGURE (5.8+): bind and configure in one call."""
-    config = ffi.new("struct loop_config *")
-    config.fd = backing_fd
-    config.block_size = block_size
-    _fill_info(config.info, offset, sizelimit, flags, file_name)
-    _call_ptr(fd, lib.LOOP_CONFIGURE, config, path, "LOOP_CONFIGURE")
+# The steps of the compiled attach sequence, in their order (fb_attach in build.py).
+GET_FREE, OPEN, CONFIGURE, GET_STATUS, DONE = (lib.FB_GET_FREE, lib.FB_OPEN, lib.FB_CONFIGURE,
+                                               lib.FB_GET_STATUS, lib.FB_DONE)
+# What each step of the sequences calls, for error messages.
+_STEP_NAMES = {
+    lib.FB_GET_FREE: "LOOP_CTL_GET_FREE",
+    lib.FB_OPEN: "open",
+    lib.FB_CONFIGURE: "LOOP_CONFIGURE",
+    lib.FB_GET_STATUS: "LOOP_GET_STATUS64",
+    lib.FB_GET_SIZE: "BLKGETSIZE64",
+    lib.FB_GET_DISKSEQ: "BLKGETDISKSEQ",
+    lib.FB_WRITE_BACK: "sync_file_range",
+    lib.FB_FSYNC: "fsync",
+    lib.FB_CLR_FD: "LOOP_CLR_FD",
+}
+
+
+def attach_sequence(control_fd: int, node_prefix: bytes, node_flags: int, part_shift: int,
+                    backing_fd: int, block_size: int, offset: int, sizelimit: int, flags: int,
+                    file_name: bytes):
+    """A sequence that takes a free device (LOOP_CTL_GET_FREE on *control_fd*), opens its node
+    (*node_prefix* and the number, with *node_flags*; its minor is the number << *part_shift*),
+    binds it (LOOP_CONFIGURE) and reads the binding back. run_steps() runs it."""
+    seq = ffi.new("struct fb_attach *")
+    lib.fb_attach_init(seq, control_fd, node_prefix, node_flags, part_shift, backing_fd,
+                       block_size, offset, sizelimit, flags, file_name, len(file_name))
+    return seq
+
+
+def run_steps(seq, until: int = DONE) -> int:
+    """Run *seq* from seq.step up to, not including, step *until*.
+
+    Returns 0, or the errno of the step that failed, which seq.step then names. The caller may
+    do that step its own way, set seq.step to the next one and run the rest. seq.number and
+    seq.dev_fd (-1 until OPEN) are the device; the device fd is the caller's to close.
+    """
+    seq.until = until
+    return -lib.fb_attach(seq)
+
+
+def step_error(step: int, err: int, path: str | None) -> LoopError:
+    """The typed error for *err* from *step* of a sequence."""
+    return error_from_errno(err, path, _STEP_NAMES[step])
+
+
+def state(seq) -> tuple[Status, int, int]:
+    """What a sequence that ran to DONE read back, as read_back() returns it."""
+    info = seq.status
+    name = ffi.string(info.lo_file_name, LO_NAME_SIZE).decode("utf-8", "surrogateescape")
+    return (Status(info.lo_device, info.lo_inode, info.lo_offset, info.lo_sizelimit,
+                   info.lo_number, info.lo_flags, name), seq.size, seq.diskseq)
+
+
+def read_back(fd: int, path: str) -> tuple[Status, int, int]:
+    """A bound device's status (LOOP_GET_STATUS64: NotBound if unbound), size in bytes
+    (BLKGETSIZE64) and diskseq (BLKGETDISKSEQ; 0 before 5.15): the sequence's last steps."""
+    seq = ffi.new("struct fb_attach *")
+    seq.dev_fd = fd
+    seq.step = GET_STATUS
+    err = run_steps(seq)
+    if err:
+        raise step_error(seq.step, err, path)
+    return state(seq)
 
 
 def set_fd(fd: int, backing_fd: int, path: str) -> None:
@@ -88,15 +138,6 @@ def set_status(fd: int, *, offset: int, sizelimit: int, flags: int, file_name: b
     info = ffi.new("struct loop_info64 *")
     _fill_info(info, offset, sizelimit, flags & lib.LOOP_SET_STATUS_SETTABLE_FLAGS, file_name)
     _call_ptr(fd, lib.LOOP_SET_STATUS64, info, path, "LOOP_SET_STATUS64")
-
-
-def get_status(fd: int, path: str) -> Status:
-    """LOOP_GET_STATUS64; raises NotBound (ENXIO) for an unbound device."""
-    info = ffi.new("struct loop_info64 *")
-    _call_ptr(fd, lib.LOOP_GET_STATUS64, info, path, "LOOP_GET_STATUS64")
-    name = ffi.string(info.lo_file_name, LO_NAME_SIZE).decode("utf-8", "surrogateescape")
-    return Status(info.lo_device, info.lo_inode, info.lo_offset, info.lo_sizelimit,
-                  info.lo_number, info.lo_flags, name)
 
 
 def clear_fd(fd: int, path: str) -> None:
@@ -127,19 +168,13 @@ def flush_buffers(fd: int, path: str) -> None:
     _call_int(fd, lib.BLKFLSBUF, 0, path, "BLKFLSBUF")
 
 
-def write_back(fd: int, path: str) -> None:
-    """sync_file_range(2) over the whole device: its dirty cache written out, no flush below."""
-    r = lib.fb_write_back(fd)
-    if r < 0:
-        raise error_from_errno(-r, path, "sync_file_range")
+def write_back_and_clear(fd: int, path: str, *, durable: bool) -> None:
+    """Write the device's dirty cache into the backing file, then LOOP_CLR_FD.
 
-
-def diskseq(fd: int, path: str) -> int:
-    """BLKGETDISKSEQ (5.15+): a number that changes with every binding; 0 where unsupported."""
-    seq = ffi.new("uint64_t *")
-    r = lib.fb_ioctl_ptr(fd, lib.BLKGETDISKSEQ, seq)
-    if r == -errno.ENOTTY:
-        return 0
+    Write-back is sync_file_range(2) over the whole device, which asks the storage below for
+    no cache flush; *durable* makes it fsync(2), which the loop driver passes on to the file.
+    """
+    failed = ffi.new("int *")
+    r = lib.fb_detach(fd, durable, failed)
     if r < 0:
-        raise error_from_errno(-r, path, "BLKGETDISKSEQ")
-    return seq[0]
+        raise step_error(failed[0], -r, path)

@@ -10,8 +10,10 @@ import errno
 import functools
 import os
 
+from ._ffi import lib
+
 SYS_BLOCK = "/sys/block"
-LOOP_MAJOR = 7
+LOOP_MAJOR: int = lib.LOOP_MAJOR
 
 
 def _read(path: str) -> str | None:

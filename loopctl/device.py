@@ -23,6 +23,7 @@ from .errors import (CONFIGURE_UNSUPPORTED, LOST_RACE, READ_ONLY_BACKING, Device
                      NotBound, NotSupported, SizeMismatch)
 
 LOOP_CONTROL = "/dev/loop-control"
+_NODE_PREFIX = _devnode.NODE_PREFIX.encode()
 # Both util-linux and systemd give up after 64 lost races; systemd's jitter grows to 250 ms.
 MAX_ATTACH_TRIES = 64
 BACKOFF_BASE = 0.010
@@ -59,15 +60,13 @@ class LoopDevice:
     """
 
     def __init__(self, number: int, fd: int, *, owned: bool,
-                 state: tuple[_ioctl.Status, int] | None = None):
-        # The binding's (status, size) as attach() just verified them, or read through *fd*;
-        # the handle keeps *fd* only when it owns it.
+                 state: tuple[_ioctl.Status, int, int] | None = None):
+        # The binding's (status, size, diskseq) as attach() just verified them, or read through
+        # *fd*; the handle keeps *fd* only when it owns it.
         self.number = number
-        self.devno = _sysfs.devno(number)
+        self.path = _devnode.node_path(number)
         self._owned = owned
-        self.diskseq = _ioctl.diskseq(fd, self.path)
-        self._status, self.size = state or (_ioctl.get_status(fd, self.path),
-                                            _ioctl.size_bytes(fd, self.path))
+        self._status, self.size, self.diskseq = state or _ioctl.read_back(fd, self.path)
         self._block_size: int | None = None
         self._fd = fd if owned else -1
 
@@ -77,8 +76,8 @@ class LoopDevice:
         return f"loop{self.number}"
 
     @property
-    def path(self) -> str:
-        return _devnode.node_path(self.number)
+    def devno(self) -> int:
+        return _sysfs.devno(self.number)
 
     def __fspath__(self) -> str:
         return self.path
@@ -115,9 +114,8 @@ class LoopDevice:
         return self._block_size
 
     def _read_state(self, fd: int) -> None:
-        self._status = _ioctl.get_status(fd, self.path)
+        self._status, self.size, _ = _ioctl.read_back(fd, self.path)
         self._block_size = _ioctl.logical_block_size(fd, self.path)
-        self.size = _ioctl.size_bytes(fd, self.path)
 
     # -- acting on the device ---------------------------------------------------------------
     def fileno(self) -> int:
@@ -136,8 +134,7 @@ class LoopDevice:
                 raise NotBound(errno.ENXIO, "device is gone", self.path) from None
             raise
         try:
-            status = _ioctl.get_status(fd, self.path)
-            seq = _ioctl.diskseq(fd, self.path)
+            status, _, seq = _ioctl.read_back(fd, self.path)
             if (seq, status.backing_devno, status.backing_inode) != (
                     self.diskseq, self.backing_devno, self.backing_inode):
                 raise NotBound(errno.ENXIO, "device was detached and bound again since", self.path)
@@ -183,16 +180,13 @@ class LoopDevice:
         What is cached for the device is first written into the backing file (sync_file_range;
         BLKFLSBUF would also drop the cache, at three times the cost): a sole opener's
         LOOP_CLR_FD puts the device in rundown at once, and pages still dirty at the last close
-        are then lost with "Buffer I/O error ... lost async page write" (seen on 6.18). *sync* also makes the backing file durable (fsync, which the loop driver passes
-        on to it); unmounting a filesystem, and releasing the image lock on NFS, do that anyway.
+        are then lost with "Buffer I/O error ... lost async page write" (seen on 6.18). *sync*
+        also makes the backing file durable (fsync, which the loop driver passes on to it);
+        unmounting a filesystem, and releasing the image lock on NFS, do that anyway.
         """
         fd = self._open_checked()
         try:
-            if sync:
-                os.fsync(fd)
-            else:
-                _ioctl.write_back(fd, self.path)
-            _ioctl.clear_fd(fd, self.path)
+            _ioctl.write_back_and_clear(fd, self.path, durable=sync)
         finally:
             self._release(fd)
         self._owned = False
@@ -361,11 +355,10 @@ def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: i
         flags = ((_READ_ONLY if backing.read_only else 0) | (_AUTOCLEAR if autoclear else 0)
                  | (_PARTSCAN if partscan else 0) | (_DIRECT_IO if direct_io else 0))
         file_name = (ref or backing.path).encode("utf-8", "surrogateescape")
-        number, dev_fd = _allocate_and_bind(backing, block_size or 0, offset, sizelimit,
-                                            flags, file_name)
+        seq = _allocate_and_bind(backing, block_size or 0, offset, sizelimit, flags, file_name)
+        number, dev_fd = seq.number, seq.dev_fd
         try:
-            state = _verify(dev_fd, number, backing, block_size, offset, sizelimit, partscan,
-                                   file_name)
+            state = _verify(seq, backing, block_size, offset, sizelimit, partscan, file_name)
             return LoopDevice(number, dev_fd, owned=True, state=state)
         except BaseException:
             # We bound it ourselves just now, so clearing cannot hit another process's binding.
@@ -392,31 +385,36 @@ def _open_control() -> int:
 
 
 def _allocate_and_bind(backing: _Backing, block_size: int, offset: int, sizelimit: int,
-                       flags: int, file_name: bytes) -> tuple[int, int]:
-    """Take a free device and bind it; retry lost races with a fresh one. Returns (number, fd).
+                       flags: int, file_name: bytes):
+    """Take a free device and bind it; retry lost races with a fresh one.
+
+    The compiled sequence (_ioctl.attach_sequence) takes the device, opens and binds it with
+    LOOP_CONFIGURE and reads the binding back in one call; what it cannot do (wait for a late
+    node, the pre-5.8 fallback) is done here. Returns the sequence: its number, its dev_fd (ours
+    now) and, if it got that far, what it read back.
 
     Our own allocators queue on an exclusive flock of /dev/loop-control (lock order: control,
     then device), so races are only with tools that do not take it, such as losetup.
     """
     ctl = _open_control()
     try:
+        seq = _ioctl.attach_sequence(ctl, _NODE_PREFIX, _devnode.open_flags(not backing.read_only),
+                                     _sysfs.part_shift(), backing.fd, block_size, offset,
+                                     sizelimit, flags, file_name)
         for attempt in range(MAX_ATTACH_TRIES):
             fcntl.flock(ctl, fcntl.LOCK_EX)
-            number = _ioctl.get_free(ctl)
             try:
-                dev_fd = _devnode.open_node(number, writable=not backing.read_only)
-            except LoopError as e:
-                if e.errno not in LOST_RACE:
+                _bind_free(seq, backing, block_size, offset, sizelimit, flags, file_name)
+                return seq
+            except BaseException as e:
+                if seq.dev_fd >= 0:
+                    os.close(seq.dev_fd)
+                # A LOOP_CTL_GET_FREE that failed lost no race: its errno is the answer.
+                if not isinstance(e, LoopError) or e.errno not in LOST_RACE or (
+                        seq.step == _ioctl.GET_FREE):
                     raise
-            else:
-                try:
-                    _bind(dev_fd, backing, block_size, offset, sizelimit, flags, file_name)
-                    return number, dev_fd
-                except BaseException as e:
-                    os.close(dev_fd)
-                    if not isinstance(e, LoopError) or e.errno not in LOST_RACE:
-                        raise
             # Never LOOP_CLR_FD here: EBUSY means the device is someone else's binding now.
+            seq.step, seq.dev_fd = _ioctl.GET_FREE, -1
             fcntl.flock(ctl, fcntl.LOCK_UN)
             time.sleep(_jitter(min(BACKOFF_CAP, BACKOFF_BASE * (attempt + 1))))
         raise NoFreeDevice(errno.EBUSY, f"lost the race for a free device {MAX_ATTACH_TRIES} "
@@ -425,27 +423,41 @@ def _allocate_and_bind(backing: _Backing, block_size: int, offset: int, sizelimi
         os.close(ctl)
 
 
-def _bind(dev_fd: int, backing: _Backing, block_size: int, offset: int, sizelimit: int,
-          flags: int, file_name: bytes) -> None:
+def _bind_free(seq, backing: _Backing, block_size: int, offset: int, sizelimit: int,
+               flags: int, file_name: bytes) -> None:
+    """One try: the compiled sequence, and here the steps it hands back (seq.step says which).
+
+    A node it could not open or found to be another device goes to open_node, which waits
+    for a node not there yet or names what is wrong. Without LOOP_CONFIGURE (or once it is
+    known to be missing, when the sequence stops before it) the device is bound the pre-5.8
+    way. A failed read-back is left to _verify, which reads again and reports it.
+    """
     global _configure_unsupported
-    path = backing.path
-    if not _configure_unsupported:
-        try:
-            _ioctl.configure(dev_fd, backing.fd, block_size=block_size, offset=offset,
-                             sizelimit=sizelimit, flags=flags, file_name=file_name, path=path)
-            return
-        except LoopError as e:
-            if e.errno not in CONFIGURE_UNSUPPORTED:
-                raise
+    until = _ioctl.CONFIGURE if _configure_unsupported else _ioctl.DONE
+    err = _ioctl.run_steps(seq, until)
+    if seq.step == _ioctl.GET_FREE:
+        raise _ioctl.step_error(seq.step, err, LOOP_CONTROL)
+    if seq.step == _ioctl.OPEN:
+        # No node yet, not accessible yet, or a node of another device: open_node waits for
+        # the node or says what is wrong with it.
+        seq.dev_fd = _devnode.open_node(seq.number, writable=not backing.read_only)
+        seq.step = _ioctl.CONFIGURE
+        err = _ioctl.run_steps(seq, until)
+    if seq.step != _ioctl.CONFIGURE:
+        return
+    if err and err not in CONFIGURE_UNSUPPORTED:
+        raise _ioctl.step_error(seq.step, err, backing.path)
     # Pre-5.8 path, several ioctls: hold the device's BSD lock meanwhile so udev does not
     # probe it half-configured (systemd.io/BLOCK_DEVICE_LOCKING).
+    dev_fd = seq.dev_fd
     fcntl.flock(dev_fd, fcntl.LOCK_EX)
     try:
-        _ioctl.set_fd(dev_fd, backing.fd, path)
+        _ioctl.set_fd(dev_fd, backing.fd, backing.path)
         try:
-            _configure_fallback(dev_fd, block_size, offset, sizelimit, flags, file_name, path)
+            _configure_fallback(dev_fd, block_size, offset, sizelimit, flags, file_name,
+                                backing.path)
         except BaseException:
-            _ioctl.clear_fd(dev_fd, path)
+            _ioctl.clear_fd(dev_fd, backing.path)
             raise
     finally:
         fcntl.flock(dev_fd, fcntl.LOCK_UN)
@@ -475,12 +487,16 @@ def _configure_fallback(dev_fd: int, block_size: int, offset: int, sizelimit: in
                 raise
 
 
-def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None, offset: int,
-            sizelimit: int, partscan: bool, file_name: bytes) -> tuple[_ioctl.Status, int]:
+def _verify(seq, backing: _Backing, block_size: int | None, offset: int, sizelimit: int,
+            partscan: bool, file_name: bytes) -> tuple[_ioctl.Status, int, int]:
     """Check the kernel applied what we asked (systemd's loop_configure_verify); returns the
-    device's status and size."""
-    path = _devnode.node_path(number)
-    status = _ioctl.get_status(dev_fd, path)
+    device's status, size and diskseq."""
+    dev_fd = seq.dev_fd
+    path = _devnode.node_path(seq.number)
+    # Unless the sequence read the binding back, read it now: after the fallback, or to
+    # report what failed.
+    status, size, diskseq = (_ioctl.state(seq) if seq.step == _ioctl.DONE
+                             else _ioctl.read_back(dev_fd, path))
     if (status.offset, status.sizelimit) != (offset, sizelimit):
         raise SizeMismatch(errno.ERANGE, f"kernel set offset {status.offset} and sizelimit "
                            f"{status.sizelimit}, not {offset} and {sizelimit}", path)
@@ -490,8 +506,7 @@ def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None,
         # Vanilla 5.8 ignored PARTSCAN in LOOP_CONFIGURE; LOOP_SET_STATUS64 can still set it.
         _ioctl.set_status(dev_fd, offset=offset, sizelimit=sizelimit,
                           flags=status.flags | _PARTSCAN, file_name=file_name, path=path)
-        status = _ioctl.get_status(dev_fd, path)
-    size = _ioctl.size_bytes(dev_fd, path)
+        status = _ioctl.read_back(dev_fd, path)[0]
     expected = _expected_size(backing.size, offset, sizelimit)
     if size != expected:
         # The file may have changed size since we opened it; otherwise the kernel ignored the
@@ -503,7 +518,7 @@ def _verify(dev_fd: int, number: int, backing: _Backing, block_size: int | None,
             size = _ioctl.size_bytes(dev_fd, path)
     if size != expected:
         raise SizeMismatch(errno.ERANGE, f"device has {size} bytes, expected {expected}", path)
-    return status, size
+    return status, size, diskseq
 
 
 # -- discovery ------------------------------------------------------------------------------
