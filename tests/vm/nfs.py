@@ -125,6 +125,20 @@ class Node:
     def rpc_calls(self) -> int:
         return self.rpc_stats().calls
 
+    def op_counts(self) -> dict[str, int]:
+        """Operations sent through this node's mount, by name (/proc/self/mountstats)."""
+        counts: dict[str, int] = {}
+        mine = False
+        with open("/proc/self/mountstats", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("device "):
+                    mine = f" mounted on {self.mount} with fstype nfs" in line
+                elif mine and re.match(r"\s+[A-Z_0-9]+: \d+ ", line):
+                    name, numbers = line.split(":", 1)
+                    if int(numbers.split()[0]):
+                        counts[name.strip()] = int(numbers.split()[0])
+        return counts
+
     @contextlib.contextmanager
     def cut(self) -> Iterator[None]:
         """Pull this node's cable (its veth down at the server's end) until the block ends."""
