@@ -26,8 +26,8 @@ def attach(image_fd: int, *, read_only: bool, lock: bool) -> LoopDevice:
     # node mounted the volume (tests/driver/test_vm_two_nodes.py). So no lock, direct I/O.
     # With the lock, which the share carries to every node, the device stays buffered: direct
     # I/O sends every 4 KiB block as an RPC of its own: 3x fewer RPCs than plain NFS for small
-    # files instead of 17x (bench/nfs_small_files.py). Where the share has no O_DIRECT (tmpfs) the kernel
-    # keeps the device buffered, which a single page cache makes safe.
+    # files instead of 16x (bench/nfs_small_files.py). Where the share has no O_DIRECT (tmpfs)
+    # the kernel keeps the device buffered, which a single page cache makes safe.
     return loopctl.attach(image_fd, read_only=read_only, autoclear=True, lock=lock,
                           direct_io=not lock)
 
