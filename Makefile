@@ -6,9 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Kernel tools the library and its tests drive for real; gcc builds the cffi binding and the
 # C reference of the benchmark; jq runs the seed driver's command sequence in bench/; qemu-nbd
-# and nbdkit are the NBD servers the handshake and server tests talk to.
+# and nbdkit are the NBD servers the handshake and server tests talk to; debootstrap makes the
+# Python-less node the deployment tests install the image's tree into, and patchelf builds that
+# tree (deploy/bundle.py).
 HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev jq \
-                 qemu-utils nbdkit
+                 qemu-utils nbdkit debootstrap patchelf
 
 .PHONY: run test test-vm bench bench-nfs host-packages venv clean
 
@@ -46,6 +48,7 @@ test-vm: venv
 bench: venv
 	$(PY) bench/attach_latency.py
 	$(PY) bench/driver_latency.py
+	$(PY) bench/ploop_format.py
 
 # Small files on plain NFS against a flexblock volume on that NFS, in the VM lane (a few minutes
 # under TCG): the table on stdout, bench/nfs_small_files.png and .json. BENCH_NFS_ARGS go to

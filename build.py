@@ -144,12 +144,14 @@ mount_ffi.cdef(
                  unsigned long flags, const char *data);
     int fb_umount(const char *target, int flags);
     int fb_die_with_parent(int parent);
+    int fb_syncfs(int fd);
     """
 )
 
 mount_ffi.set_source(
     "flexvolume._ffi",
     """
+    #define _GNU_SOURCE  /* syncfs */
     #include <errno.h>
     #include <signal.h>
     #include <unistd.h>
@@ -165,6 +167,11 @@ mount_ffi.set_source(
     static int fb_umount(const char *target, int flags)
     {
         return umount2(target, flags) < 0 ? -errno : 0;
+    }
+
+    static int fb_syncfs(int fd)
+    {
+        return syncfs(fd) < 0 ? -errno : 0;
     }
 
     /* In a child between fork and exec: be killed when the parent dies, and if it already

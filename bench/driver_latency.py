@@ -2,6 +2,8 @@
 
 - `init` against the bare interpreter start (`python -I -S -c pass`, the same interpreter).
   Target: init <= 1.5x the bare start.
+- `init` of the image's runtime (deploy/bundle.py: its own interpreter, loader and libraries,
+  installed into a plugin dir of its own), against the pip-installed driver's `init`.
 - A mount+unmount cycle of an existing 1 GiB ext4 volume through the installed driver, called
   as kubelet does, against the seed driver's command sequence (bench/seed_reference.sh: the jq
   reads, checks and `mount -o loop` kvaps/loop runs). Target: <= 0.35x the seed (which measured
@@ -41,6 +43,19 @@ def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
+def _install_bundle(work: str) -> str | None:
+    """The image's runtime, built and installed under work; its flexblock/loop executable."""
+    if shutil.which("patchelf") is None:
+        return None
+    tree = os.path.join(work, "image")
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "deploy", "bundle.py"),
+                    "--out", tree], check=True, stdout=subprocess.DEVNULL)
+    plugins = os.path.join(work, "plugins-image")
+    subprocess.run([os.path.join(tree, install.CLI_SCRIPT), "install", "--plugin-dir", plugins],
+                   check=True, stdout=subprocess.DEVNULL)
+    return install.driver_path(plugins, "flexblock/loop")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -54,7 +69,9 @@ def main() -> int:
         os.makedirs(share)
         os.makedirs(pod, 0o750)
         mounts.mount("tmpfs", share, "tmpfs", 0, "size=1200m")
-        driver = install.install(os.path.join(work, "plugins"), "kvaps/loop")
+        installed = install.install(os.path.join(work, "plugins"), ["kvaps/loop"])
+        driver = installed.drivers["kvaps/loop"]
+        bundled = _install_bundle(work)
         env = {**os.environ, "FLEXBLOCK_LOG_FILE": os.path.join(work, "driver.log")}
         options = json.dumps({"file": "/kube-volumes/bench", "kubernetes.io/fsType": "ext4",
                               "kubernetes.io/readwrite": "rw", "share": share, "size": "1Gi"},
@@ -62,11 +79,14 @@ def main() -> int:
         _timed([driver, "mount", pod, options], env)  # creates and formats the volume
         _timed([driver, "unmount", pod], env)
 
-        samples: dict[str, list[float]] = {"bare": [], "init": [], "cycle": [], "seed": []}
+        samples: dict[str, list[float]] = {"bare": [], "init": [], "bundled": [], "cycle": [],
+                                           "seed": []}
         have_jq = shutil.which("jq") is not None
         for _ in range(args.rounds):
             samples["bare"].append(_timed([sys.executable, "-I", "-S", "-c", "pass"]))
             samples["init"].append(_timed([driver, "init"], env))
+            if bundled:
+                samples["bundled"].append(_timed([bundled, "init"], env))
             samples["cycle"].append(_timed([driver, "mount", pod, options], env)
                                     + _timed([driver, "unmount", pod], env))
             if have_jq:
@@ -80,6 +100,11 @@ def main() -> int:
     print(f"  bare interpreter start   {median['bare']:8.1f}")
     print(f"  init                     {median['init']:8.1f}   "
           f"{median['init'] / median['bare']:.2f}x bare (target <= 1.5x)")
+    if "bundled" in median:
+        print(f"  init, image's runtime    {median['bundled']:8.1f}   "
+              f"{median['bundled'] / median['init']:.2f}x the pip install's init")
+    else:
+        print("  init, image's runtime: patchelf is not installed, skipped")
     print(f"  mount+unmount, 1 GiB     {median['cycle']:8.1f}")
     if "seed" in median:
         print(f"  seed's commands, same    {median['seed']:8.1f}   driver = "

@@ -44,11 +44,13 @@ class Backend(NamedTuple):
     options: dict[str, str]      # user options beyond share, file and size
 
 
-# One row per backend in the report; the qemu-nbd backend's raw and qcow2 rows go here.
+# One column per backend in the report.
 BACKENDS = {
     "loop": Backend("flexblock/loop", {}),
     # Without the image lock the driver attaches with direct I/O, so that MMP works across nodes.
     "loop-nolock": Backend("flexblock/loop", {"lock": "false"}),
+    "qemu-nbd-raw": Backend("flexblock/qemu-nbd", {"format": "raw"}),
+    "qemu-nbd-qcow2": Backend("flexblock/qemu-nbd", {"format": "qcow2"}),
 }
 
 
@@ -308,7 +310,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="bytes per file")
     parser.add_argument("--delay-us", type=int, default=250,
                         help="netem delay on each end of the client's veth")
-    parser.add_argument("--backends", default="loop,loop-nolock",
+    parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--out", type=Path, default=os.environ.get("FLEXBLOCK_VM_OUTPUT"),
                         help="directory for nfs_small_files.{json,png} (default: the lane's "

@@ -123,8 +123,8 @@ def main() -> int:
         os.mkdir(share)
         mounts.mount("tmpfs", share, "tmpfs", 0, "size=1g")
         plugin_dir = os.path.join(work, "volume-plugins")
-        for driver in ("flexblock/loop", DRIVER):
-            print(f"installed {install.install(plugin_dir, driver)}")
+        for path in install.install(plugin_dir, ["flexblock/loop", DRIVER]).drivers.values():
+            print(f"installed {path}")
         os.environ["FLEXBLOCK_LOG_FILE"] = os.path.join(work, "flexblock.log")
         kubelet = Kubelet(plugin_dir, DRIVER, os.path.join(work, "kubelet"))
         volume = {"share": share, "file": "/kube-volumes/test", "size": "256Mi"}

@@ -19,10 +19,13 @@ from .backends import BACKENDS
 # kubelet probes every driver with init, repeatedly: answer it without importing anything.
 # fsGroup is false on purpose (the driver gives the fsGroup the volume's root itself instead of
 # kubelet chowning every file at every mount); selinuxRelabel true (ext4, xfs and btrfs keep
-# labels); requiresFSResize true (we implement expandfs); supportsMetrics true (kubelet statfs's
-# the mount, no driver call). test_driver checks this text against json.dumps of the same.
-INIT_REPLY = ('{"status":"Success","capabilities":{"attach":false,"fsGroup":false,'
-              '"requiresFSResize":true,"selinuxRelabel":true,"supportsMetrics":true}}')
+# labels); requiresFSResize true where we implement expandfs (an NBD device cannot grow while
+# connected); supportsMetrics true (kubelet statfs's the mount, no driver call). The protocol
+# tests check this text against json.dumps of the same.
+_INIT = ('{{"status":"Success","capabilities":{{"attach":false,"fsGroup":false,'
+         '"requiresFSResize":{},"selinuxRelabel":true,"supportsMetrics":true}}}}')
+INIT_REPLIES = {"loop": _INIT.format("true"), "qemu-nbd": _INIT.format("false"),
+                "nbd": _INIT.format("false"), "sheepdog": _INIT.format("false")}
 NOT_SUPPORTED_REPLY = '{"status":"Not supported"}'
 
 # command -> number of arguments after it
@@ -55,6 +58,14 @@ def _call(driver: str, command: str, args: list[str]) -> tuple[str, int]:
     if backend is None:
         return json.dumps({"status": "Failure", "message": f"unknown driver name {driver!r}; "
                            f"install it as one of: {', '.join(BACKENDS)}"}), 1
+    # A backend that cannot work on this node says why at mount, where the pod's events show
+    # it; a Failure at init would only unregister the plugin (and kubelet retries it forever).
+    check = getattr(backend, "check", None)
+    if check is not None and command == "mount":
+        try:
+            check()
+        except DriverError as e:
+            return json.dumps({"status": "Failure", "message": str(e)}), 1
     if command not in _ARITY:
         return NOT_SUPPORTED_REPLY, 0
     identifier = f"flexblock-{driver}"
@@ -87,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     reply_fd = _seal_stdio()
     driver = os.path.basename(argv[0])
     command = argv[1] if len(argv) > 1 else ""
-    if command == "init" and driver in BACKENDS:
-        reply, code = INIT_REPLY, 0
+    if command == "init" and driver in INIT_REPLIES:
+        reply, code = INIT_REPLIES[driver], 0
     else:
         reply, code = _call(driver, command, list(argv[2:]))
     os.write(reply_fd, reply.encode() + b"\n")

@@ -16,15 +16,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 import loopctl
 
-from . import mounts
+from . import filesystem, mounts
 from .errors import DriverError
 
 ALLOWED_ROOTS_ENV = "FLEXBLOCK_ALLOWED_ROOTS"
 ALLOWED_ROOTS_FILE = "/etc/flexblock/allowed-roots"
 _TEMP_MARK = ".flexblock-"
+_QCOW2_MAGIC = b"QFI\xfb"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -107,13 +109,13 @@ class Image:
         """A path to the open image for tools run with ``pass_fds=(image.fd,)``."""
         return f"/proc/self/fd/{self.fd}"
 
-    def publish(self, *, lock: bool) -> None:
+    def publish(self, *, lock: Callable[..., None] | None) -> None:
         """Give a new image its final name; DriverError if another creator got there first.
 
         The image is then reopened by that name, so that the kernel (and losetup, and sysfs)
-        know it by it rather than by the unlinked temporary name. With *lock*, the image lock
-        moves to the new open file description; someone may take it in between, and then that
-        one wins the volume and we answer that it is in use.
+        know it by it rather than by the unlinked temporary name. With *lock* (the backend's
+        image lock), the image lock moves to the new open file description; someone may take it
+        in between, and then that one wins the volume and we answer that it is in use.
         """
         try:
             os.link(self.temp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
@@ -130,11 +132,41 @@ class Image:
         self.fd = fd
         if (new.st_dev, new.st_ino) != (old.st_dev, old.st_ino):
             raise DriverError(f"{self.path} was replaced while it was being created")
-        if lock:
+        if lock is not None:
             try:
-                loopctl.lock_image(fd, path=self.path)
+                lock(fd, read_only=False, path=self.path)
             except loopctl.ImageBusy as e:
                 raise DriverError(f"{self.path} is in use ({e.holder})") from None
+
+    def convert(self, image_format: str, *, allocate: bool) -> None:
+        """Rewrite the new (raw, formatted, unpublished) image in *image_format*: qemu-img
+        writes a second temporary image, which then replaces the first. qemu-img copies only
+        what the filesystem wrote (it skips holes and zeros)."""
+        temp = _temp_name(self.name)
+        # Paths through our fds: the image and its directory are the ones already checked.
+        # locking=off: qemu's shared lock on the source would conflict with our own lock.
+        argv = ["qemu-img", "convert", "-q", "--image-opts",
+                f"driver=raw,file.driver=file,file.filename=/proc/self/fd/{self.fd},"
+                "file.locking=off", "-O", image_format]
+        if allocate:
+            argv += ["-o", "preallocation=falloc"]
+        argv.append(f"/proc/self/fd/{self.dir_fd}/{temp}")
+        try:
+            filesystem.run(argv, f"converting {self.path} to {image_format}",
+                           pass_fds=(self.fd, self.dir_fd))
+            fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except BaseException:
+            _unlink_quietly(temp, self.dir_fd)
+            raise
+        try:
+            loopctl.lock_image(fd, path=self.path)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(temp, self.dir_fd)
+            raise
+        self.discard()
+        os.close(self.fd)
+        self.fd, self.temp_name = fd, temp
 
     def discard(self) -> None:
         """Remove a new image that was never published."""
@@ -234,6 +266,25 @@ def open_image(root: str, parts: list[str], *, read_only: bool, size: int | None
         raise
 
 
+def virtual_size(fd: int) -> int:
+    """The size of the disk an image file holds: its own size, or a qcow2 header's."""
+    header = os.pread(fd, 32, 0)  # magic, version, backing file offset and length, size
+    if header.startswith(_QCOW2_MAGIC) and len(header) == 32:
+        return int.from_bytes(header[24:32], "big")
+    return os.fstat(fd).st_size
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}{_TEMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
 def _remove_abandoned_temps(dir_fd: int, name: str) -> None:
     """Unlink earlier creators' temporary images that no live process holds (killed drivers)."""
     prefix = f".{name}{_TEMP_MARK}"
@@ -256,7 +307,7 @@ def _remove_abandoned_temps(dir_fd: int, name: str) -> None:
 
 def _create(dir_fd: int, name: str, display: str, size: int, allocate: bool) -> Image:
     _remove_abandoned_temps(dir_fd, name)
-    temp = f".{name}{_TEMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    temp = _temp_name(name)
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=dir_fd)
     image = Image(fd, dir_fd, name, display, temp)

@@ -15,6 +15,7 @@ import re
 from .errors import OptionError
 
 FS_TYPES = ("ext4", "ext3", "xfs", "btrfs")
+IMAGE_FORMATS = ("raw", "qcow2")
 DEFAULT_FS_TYPE = "ext4"
 SECRET_PREFIX = "kubernetes.io/secret/"
 MIN_SIZE = 1 << 20
@@ -32,10 +33,11 @@ _MOUNT_WORD = re.compile(r"[a-z_][a-z0-9_-]*(=[A-Za-z0-9._:/-]+)?")
 
 
 # parse(). fs_type None: use what the image holds, or DEFAULT_FS_TYPE for a new one; size in
-# bytes; mount_options the words of mountOptions; pod "namespace/name" when kubelet says.
+# bytes; image_format the image file's format (raw or qcow2, qemu-nbd backend only);
+# mount_options the words of mountOptions; pod "namespace/name" when kubelet says.
 VolumeOptions = collections.namedtuple(
-    "VolumeOptions", "file share size fs_type read_only allocate mmp mmp_update_interval fsck "
-    "fsck_options mount_options lock fs_group volume_name pod")
+    "VolumeOptions", "file share size fs_type image_format read_only allocate mmp "
+    "mmp_update_interval fsck fsck_options mount_options lock fs_group volume_name pod")
 
 
 def parse_size(name: str, text: str) -> int:
@@ -98,8 +100,8 @@ def _parse_mount_options(name: str, text: str) -> tuple[str, ...]:
 
 # user option -> accepted aliases (the qemu-nbd seed's spellings)
 _ALIASES = {"mount_options": "mountOptions", "fsck_options": "fsckOptions"}
-_USER_KEYS = frozenset({"file", "share", "size", "fsType", "allocate", "mmp", "mmpUpdateInterval",
-                        "fsck", "fsckOptions", "mountOptions", "lock"})
+_USER_KEYS = frozenset({"file", "share", "size", "fsType", "format", "allocate", "mmp",
+                        "mmpUpdateInterval", "fsck", "fsckOptions", "mountOptions", "lock"})
 
 
 def parse(raw: str) -> VolumeOptions:
@@ -133,6 +135,10 @@ def parse(raw: str) -> VolumeOptions:
     if readwrite not in ("rw", "ro"):
         raise OptionError("kubernetes.io/readwrite", f"{readwrite!r} is neither rw nor ro")
     mount_options = _parse_mount_options("mountOptions", user.get("mountOptions", ""))
+    image_format = user.get("format") or "raw"
+    if image_format not in IMAGE_FORMATS:
+        raise OptionError("format", f"{image_format!r} is not supported (use one of "
+                          f"{', '.join(IMAGE_FORMATS)})")
     fs_group_text = data.get("kubernetes.io/mounterArgs.FsGroup",
                              data.get("kubernetes.io/fsGroup"))
     namespace, pod = data.get("kubernetes.io/pod.namespace"), data.get("kubernetes.io/pod.name")
@@ -141,6 +147,7 @@ def parse(raw: str) -> VolumeOptions:
         share=user.get("share") or None,
         size=parse_size("size", user["size"]) if user.get("size") else None,
         fs_type=fs_type,
+        image_format=image_format,
         read_only=readwrite == "ro" or "ro" in mount_options,
         allocate=parse_bool("allocate", user.get("allocate", "false")),
         mmp=parse_bool("mmp", user.get("mmp", "true")),

@@ -46,6 +46,9 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
                 raise DriverError(f"{target} already has another filesystem mounted")
         return f"{img.path} already mounted at {target}"
 
+    if opts.image_format not in backend.IMAGE_FORMATS:
+        raise DriverError(f"this driver serves {' and '.join(backend.IMAGE_FORMATS)} images, "
+                          f"not {opts.image_format} (the qemu-nbd driver serves qcow2)")
     with image.open_image(root, parts, read_only=opts.read_only, size=opts.size,
                           allocate=opts.allocate) as img:
         created = "created " if img.created else ""
@@ -54,15 +57,18 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             mounts.mount_arguments(fs_type, opts.mount_options, opts.read_only)  # refuse early
             filesystem.mkfs(img.fd_path, fs_type, mmp=opts.mmp,
                             mmp_interval=opts.mmp_update_interval, pass_fds=(img.fd,))
-            if opts.allocate:
+            if opts.image_format != "raw":
+                img.convert(opts.image_format, allocate=opts.allocate)
+            elif opts.allocate:
                 # mke2fs discards (punches holes in) the file it formats: allocate again.
                 os.posix_fallocate(img.fd, 0, opts.size)
-            img.publish(lock=opts.lock)
-        elif opts.size and not opts.read_only and os.fstat(img.fd).st_size < opts.size:
+            img.publish(lock=backend.lock_image if opts.lock else None)
+        elif opts.size and not opts.read_only and image.virtual_size(img.fd) < opts.size:
             raise DriverError(f"{img.path} is smaller than size {opts.size}; grow it by resizing "
                               "the volume (expandfs), or ask for its current size")
         try:
-            device = backend.attach(img.fd, read_only=opts.read_only, lock=opts.lock)
+            device = backend.attach(img.fd, read_only=opts.read_only, lock=opts.lock,
+                                    image_format=opts.image_format, path=img.path)
         except loopctl.ImageBusy as e:
             raise DriverError(f"{img.path} is in use ({e.holder}); a volume can be mounted "
                               "read-write by one pod at a time") from None
@@ -141,19 +147,21 @@ def unmount(target: str, backend: ModuleType) -> str:
     target = _check_target(target)
     current = mounts.mount_at(target)
     if current is None:
+        backend.collect()
         return f"{target} is not mounted"
     device = backend.device_for(current)
     try:
         mounts.unmount(target)
     except OSError as e:
         raise DriverError(f"unmounting {target}: {e.strerror}") from None
-    # Autoclear unbinds our devices at the last close; this covers devices bound without it
-    # (by older drivers, or by hand), once nothing else mounts them.
+    # Loop devices with autoclear unbind at the last close; this covers devices bound without it
+    # (by older drivers, or by hand) and NBD devices, once nothing else mounts them.
     if device is not None and not mounts.mounts_of(current.devno):
         try:
             device.detach()
         except loopctl.NotBound:
             pass
+    backend.collect()
     where = f" from {device.path}" if device is not None else ""
     return f"unmounted {target}{where}"
 

@@ -283,20 +283,24 @@ def _open_backing(path_or_fd: str | os.PathLike | int, read_only: bool,
     return _Backing(fd, True, path, not flags & os.O_RDWR, size)
 
 
-def lock_image(fd: int, *, exclusive: bool = True, path: str | None = None) -> None:
+def lock_image(fd: int, *, exclusive: bool = True, path: str | None = None, offset: int = 0,
+               length: int = 0) -> None:
     """Take the image lock that ``attach(lock=True)`` takes, on the open file *fd*.
 
     The lock belongs to *fd*'s open file description: it lasts until every fd sharing that
     description is closed, or, once the description is bound to a loop device, until detach.
     Raises ImageBusy, naming the holder when it can, if another description holds it.
+    *offset* and *length* lock a byte range instead of the whole file, for holders that must
+    coexist with the locks of other software on the same file (qemu's, on bytes 100-300); the
+    whole-file lock of a loop attach conflicts with any of them.
     """
     path = path or os.readlink(f"/proc/self/fd/{fd}")
     try:
-        if _ofdlock.try_lock(fd, exclusive=exclusive):
+        if _ofdlock.try_lock(fd, exclusive=exclusive, offset=offset, length=length):
             return
     except OSError as e:
         raise LoopError(e.errno, f"cannot lock image: {e.strerror}", path) from None
-    pid = _ofdlock.holder_pid(fd, exclusive=exclusive)
+    pid = _ofdlock.holder_pid(fd, exclusive=exclusive, offset=offset, length=length)
     if pid is not None:
         holder = f"locked by process {pid}"
     else:

@@ -4,12 +4,14 @@ socket), the kernel's ``nbd`` generic-netlink family (nbd.control), the two toge
 
 from .client import attach, reconnect
 from .control import (DeviceInfo, DeviceStatus, LinkDeadListener, NotSupported, connect,
-                      disconnect, info, reconfigure, status, wait_connected, wait_disconnected)
+                      connected, disconnect, find_by_backend, info, reconfigure, status,
+                      wait_connected, wait_disconnected)
 from .errors import HandshakeError, NbdError, NetlinkError, ServerError
 from .handshake import Export
 
 __all__ = [
-    "attach", "reconnect", "connect", "disconnect", "reconfigure", "status", "info",
+    "attach", "reconnect", "connect", "disconnect", "connected", "find_by_backend",
+    "reconfigure", "status", "info",
     "wait_connected", "wait_disconnected", "LinkDeadListener", "DeviceInfo", "DeviceStatus",
     "Export", "NbdError", "HandshakeError", "ServerError", "NetlinkError",
     "NotSupported",

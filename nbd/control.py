@@ -167,6 +167,26 @@ def info(index: int) -> DeviceInfo:
                       int(pid) if pid else None, _read(f"{base}/backend") or None)
 
 
+def connected() -> list[DeviceInfo]:
+    """Every device connected to a server (a pid in sysfs), with its backend identifier."""
+    found = []
+    for state in status():
+        if state.connected:
+            try:
+                device = info(state.index)
+            except OSError:
+                continue  # removed meanwhile
+            if device.pid is not None:
+                found.append(device)
+    return found
+
+
+def find_by_backend(backend: str) -> list[DeviceInfo]:
+    """Connected devices whose backend identifier (given at connect) is *backend*: how a
+    later process finds the device it connected for an export."""
+    return [device for device in connected() if device.backend == backend]
+
+
 def wait_connected(index: int, timeout: float = READY_TIMEOUT) -> DeviceInfo:
     """Wait until the kernel shows the device connected (a pid, a size): I/O may start."""
     deadline = time.monotonic() + timeout

@@ -54,7 +54,11 @@ def _alive(pid: int, socket_path: str) -> bool:
 
 def find(fd: int) -> Server | None:
     """The running server for the image open as *fd*, if any."""
-    ident = image_id(fd)
+    return find_by_id(image_id(fd))
+
+
+def find_by_id(ident: str) -> Server | None:
+    """The running server for the image with identity *ident* (see image_id), if any."""
     socket_path, pid_path, _ = _paths(ident)
     try:
         with open(pid_path, encoding="ascii") as f:
@@ -67,6 +71,16 @@ def find(fd: int) -> Server | None:
         argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
     fmt = argv[argv.index("--format") + 1] if "--format" in argv else "raw"
     return Server(pid, socket_path, ident, fmt, "--read-only" in argv)
+
+
+def list_servers() -> list[Server]:
+    """Every server started by start() that is still running."""
+    try:
+        names = os.listdir(RUN_DIR)
+    except FileNotFoundError:
+        return []
+    found = (find_by_id(n[:-len(".pid")]) for n in sorted(names) if n.endswith(".pid"))
+    return [server for server in found if server is not None]
 
 
 def _check_image(path: str, fmt: str) -> None:

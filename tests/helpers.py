@@ -226,3 +226,11 @@ def mounts_under(root: str | os.PathLike) -> list[str]:
             if is_under(target, root):
                 targets.append(target)
     return sorted(targets, key=lambda t: t.count("/"), reverse=True)
+
+
+def qemu_io_reads(path: str | os.PathLike, fmt: str, pattern: int, offset: int,
+                  length: int) -> bool:
+    """Does qemu (qemu-io) read bytes *pattern* at [offset, offset+length) of the image?"""
+    out = subprocess.run(["qemu-io", "-f", fmt, "-c", f"read -P {pattern:#x} {offset} {length}",
+                          os.fspath(path)], capture_output=True, text=True)
+    return out.returncode == 0 and "Pattern verification failed" not in out.stdout

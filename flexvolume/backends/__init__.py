@@ -5,8 +5,18 @@ Kept free of imports beyond importlib: `init` reads BACKENDS on every plugin pro
 
 import importlib
 
-# driver name (the executable's basename) -> backend module
-BACKENDS = {"loop": "flexvolume.backends.loop"}
+# driver name (the executable's basename) -> backend module. "nbd" and "sheepdog" are names
+# the kvaps/qemu-nbd seed answered to (as kvaps/nbd and kvaps/sheepdog).
+BACKENDS = {
+    "loop": "flexvolume.backends.loop",
+    "qemu-nbd": "flexvolume.backends.qemu_nbd",
+    "nbd": "flexvolume.backends.qemu_nbd",
+    "sheepdog": "flexvolume.backends.sheepdog",
+}
+
+# The seeds' driver names, installed too so that their pod specs work unchanged; each is served
+# by the backend of its basename (kvaps~loop/loop -> "loop").
+SEED_ALIASES = ("kvaps/loop", "kvaps/qemu-nbd", "kvaps/nbd", "kvaps/sheepdog")
 
 
 def load(driver_name: str):

@@ -16,9 +16,15 @@ from loopctl import LoopDevice
 from ..mounts import MountEntry
 
 LOOP_MAJOR = 7
+IMAGE_FORMATS = ("raw",)
 
 
-def attach(image_fd: int, *, read_only: bool, lock: bool) -> LoopDevice:
+def lock_image(fd: int, *, read_only: bool, path: str) -> None:
+    loopctl.lock_image(fd, exclusive=not read_only, path=path)
+
+
+def attach(image_fd: int, *, read_only: bool, lock: bool, image_format: str = "raw",
+           path: str | None = None) -> LoopDevice:
     # Without the image lock, ext4's MMP is the only guard against a second node, and it only
     # works if its heartbeat reaches the share and the other node reads the share, not its own
     # page cache of the image. On NFS a buffered loop device does neither (the writer's client
@@ -30,6 +36,11 @@ def attach(image_fd: int, *, read_only: bool, lock: bool) -> LoopDevice:
     # the kernel keeps the device buffered, which a single page cache makes safe.
     return loopctl.attach(image_fd, read_only=read_only, autoclear=True, lock=lock,
                           direct_io=not lock)
+
+
+def collect() -> None:
+    """Nothing to collect: autoclear unbinds a device at its last close, also when the driver
+    that attached it is killed."""
 
 
 def device_for(mount: MountEntry) -> LoopDevice | None:

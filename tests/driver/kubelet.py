@@ -2,8 +2,9 @@
 
 `Kubelet` replays what kubelet does around the driver (kubelet-flexvolume-protocol.md):
 
-- the driver is installed with ``flexvolume.install.install`` into a private plugin dir, as
-  ``flexblock/loop`` and as its alias ``kvaps/loop``, and the *installed* executable is run:
+- the driver is installed with ``flexvolume.install.install`` into a plugin dir of the
+  session, as ``flexblock/loop`` and as its alias ``kvaps/loop``, and the *installed*
+  executable is run:
   execve of ``<plugindir>/<vendor~driver>/<driver>`` with argv ``[that path, cmd, args...]``,
   no stdin, cwd ``/``, a kubelet-like minimal environment, and stdout and stderr on ONE pipe
   (Go's ``CombinedOutput``), read to EOF;
@@ -173,8 +174,7 @@ class Kubelet:
 
     # -- installation and raw calls ------------------------------------------------------------
     def install(self, *drivers: str) -> None:
-        for driver in drivers or (DRIVER, ALIAS):
-            flex_install.install(str(self.plugin_dir), driver)
+        flex_install.install(str(self.plugin_dir), list(drivers or (DRIVER, ALIAS)))
 
     def executable(self, driver: str = DRIVER) -> Path:
         vendor, name = driver.split("/")
@@ -577,13 +577,25 @@ def share(tmp_path):
             pytest.fail("teardown could not release: " + "; ".join(problems))
 
 
+_session_plugins: list[Path] = []
+
+
+def session_plugin_dir(tmp_path_factory) -> Path:
+    """A plugin dir with the driver installed under both names, once per session: an install
+    copies our packages into a version of its own (about 0.25 s)."""
+    if not _session_plugins:
+        path = tmp_path_factory.mktemp("plugins").resolve()
+        flex_install.install(str(path), [DRIVER, ALIAS])
+        _session_plugins.append(path)
+    return _session_plugins[0]
+
+
 @pytest.fixture
-def kubelet(tmp_path, share):
-    """A Kubelet with root tmp_path/kubelet, the driver installed in tmp_path/plugins under
-    both names, and its log in tmp_path/flexblock.log."""
+def kubelet(tmp_path, tmp_path_factory, share):
+    """A Kubelet with root tmp_path/kubelet, the session's plugin dir (the driver installed
+    under both names) and its log in tmp_path/flexblock.log."""
     root = tmp_path.resolve()
-    k = Kubelet(root / "kubelet", root / "plugins", root / "flexblock.log")
-    k.install()
+    k = Kubelet(root / "kubelet", session_plugin_dir(tmp_path_factory), root / "flexblock.log")
     (root / "kubelet").mkdir()
     return k
 

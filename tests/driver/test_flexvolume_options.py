@@ -38,7 +38,7 @@ def test_seed_aliases_are_accepted_but_not_twice(kubelet, share, tmp_path):
     ("size", "big"), ("size", "1.5.3G"), ("size", "-1G"), ("size", "0"), ("size", "1Ki"),
     ("size", "1 G"), ("size", "1e9"), ("size", "9Ei"), ("size", "30mb1"),
     ("mmp", "maybe"), ("mmp", "2"), ("fsck", "sure"), ("allocate", "yes please"),
-    ("lock", "nope"),
+    ("lock", "nope"), ("format", "vmdk"), ("format", "QCOW2"), ("format", "parallels"),
     ("fsType", "vfat"), ("fsType", "ext4 "), ("fsType", "ext2"),
     ("mmpUpdateInterval", "0"), ("mmpUpdateInterval", "301"), ("mmpUpdateInterval", "5s"),
     ("mmpUpdateInterval", "-5"), ("mmpUpdateInterval", "x"), ("mmpUpdateInterval", "²"),

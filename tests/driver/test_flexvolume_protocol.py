@@ -36,9 +36,41 @@ def test_init_reports_every_capability_as_a_boolean(kubelet, driver):
     reply = kubelet.init(driver)
     assert reply.status == "Success" and reply.code == 0
     assert reply.body["capabilities"] == CAPABILITIES
-    assert json.loads(flex_driver.INIT_REPLY) == reply.body
+    assert json.loads(flex_driver.INIT_REPLIES["loop"]) == reply.body
     # The constant is the canonical compact dump of itself: no duplicate keys, nothing extra.
-    assert flex_driver.INIT_REPLY == json.dumps(reply.body, separators=(",", ":"))
+    assert flex_driver.INIT_REPLIES["loop"] == json.dumps(reply.body, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("driver", ["flexblock/qemu-nbd", "kvaps/qemu-nbd", "kvaps/nbd"])
+def test_init_of_the_qemu_nbd_driver_does_not_offer_expandfs(kubelet, driver):
+    # An NBD device cannot grow while connected (test_vm_qemu_nbd checks expandfs's Failure).
+    kubelet.install(driver)
+    reply = kubelet.init(driver)
+    assert reply.status == "Success"
+    assert reply.body["capabilities"] == {**CAPABILITIES, "requiresFSResize": False}
+    assert flex_driver.INIT_REPLIES[driver.split("/")[1]] == \
+        json.dumps(reply.body, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("driver", ["flexblock/sheepdog", "kvaps/sheepdog"])
+def test_sheepdog_says_what_the_node_lacks(kubelet, share, driver):
+    # Neither `dog` nor a qemu with the sheepdog driver exists in any registry any more.
+    kubelet.install(driver)
+    # init succeeds so that kubelet registers the plugin and the pod's events show mount's reason
+    assert kubelet.init(driver).status == "Success"
+    reply = kubelet.mount(Pod("web"), {"vdiname": "vol1", "size": "1G"}, driver=driver)
+    assert reply.status == "Failure"
+    assert "lacks the sheepdog CLI `dog`" in reply.message
+    assert "qemu 6.0 removed it" in reply.message
+    # A pod that never mounted is still torn down.
+    assert kubelet.unmount(Pod("web"), driver=driver).status == "Success"
+
+
+def test_loop_driver_refuses_qcow2_and_names_the_driver_that_serves_it(kubelet, share):
+    reply = kubelet.mount(Pod("web"), {"share": str(share), "file": "/v", "size": "30m",
+                                       "format": "qcow2"})
+    assert reply.status == "Failure" and "qemu-nbd driver serves qcow2" in reply.message
+    assert list(share.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv", [
@@ -77,8 +109,8 @@ def test_wrong_number_of_arguments_is_a_failure(kubelet, argv):
 
 
 def test_driver_installed_under_an_unknown_name_fails_init_in_json(kubelet):
-    kubelet.install("flexblock/nbd")
-    reply = kubelet.init("flexblock/nbd")
+    kubelet.install("flexblock/iscsi")
+    reply = kubelet.init("flexblock/iscsi")
     assert reply.status == "Failure"
     assert "loop" in reply.message
 

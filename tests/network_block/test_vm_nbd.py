@@ -19,6 +19,7 @@ import pytest
 import nbd
 from nbd import client, control, server
 from nbd.errors import NbdError, NetlinkError
+from helpers import qemu_io_reads
 from vm.lane import vm_only
 
 pytestmark = [pytest.mark.vm, vm_only]
@@ -64,12 +65,6 @@ def _image(tmp_path, fmt="raw", size="64M"):
     return path
 
 
-def _qemu_io_reads(path, fmt, pattern, offset, length):
-    out = subprocess.run(["qemu-io", "-f", fmt, "-c", f"read -P {pattern:#x} {offset} {length}",
-                          path], capture_output=True, text=True)
-    return out.returncode == 0 and "Pattern verification failed" not in out.stdout
-
-
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_write_through_the_device_read_back_after_disconnect(tmp_path, qemu_nbd, devices, fmt):
     path = _image(tmp_path, fmt)
@@ -89,7 +84,7 @@ def test_write_through_the_device_read_back_after_disconnect(tmp_path, qemu_nbd,
     control.wait_disconnected(info.index)
     assert control.info(info.index).pid is None
     server.stop(srv)
-    assert _qemu_io_reads(path, fmt, 0xAB, 4 * MiB, MiB)
+    assert qemu_io_reads(path, fmt, 0xAB, 4 * MiB, MiB)
     if fmt == "qcow2":
         subprocess.run(["qemu-img", "check", "-q", path], check=True)
 
@@ -154,7 +149,7 @@ def test_server_killed_link_dead_reconnect_io_continues(tmp_path, qemu_nbd, devi
         server.stop(restarted)
     finally:
         os.close(fd)
-    assert _qemu_io_reads(path, "raw", 0x5A, 8 * MiB, 4096)
+    assert qemu_io_reads(path, "raw", 0x5A, 8 * MiB, 4096)
 
 
 def test_reconnect_refuses_a_changed_export(tmp_path, qemu_nbd, devices):
