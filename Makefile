@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev jq \
                  qemu-utils nbdkit debootstrap patchelf
 
-.PHONY: run test test-vm bench host-packages venv clean
+.PHONY: run test test-vm bench bench-nfs host-packages venv clean
 
 host-packages:
 	@missing=$$(for p in $(HOST_PACKAGES); do \
@@ -49,6 +49,17 @@ bench: venv
 	$(PY) bench/attach_latency.py
 	$(PY) bench/driver_latency.py
 	$(PY) bench/ploop_format.py
+
+# Small files on plain NFS against a flexblock volume on that NFS, in the VM lane (a few minutes
+# under TCG): the table on stdout, bench/nfs_small_files.png and .json. BENCH_NFS_ARGS go to
+# the benchmark, e.g. make bench-nfs BENCH_NFS_ARGS='--files 10000 --delay-us 500'.
+bench-nfs: venv $(VENV)/.bench-installed
+	$(PY) tests/vm/run.py --output bench --script bench/nfs_small_files.py -- $(BENCH_NFS_ARGS)
+
+# The bench extra (matplotlib, for the plot).
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info loopctl/_ffi*.so bench/ref_attach

@@ -11,6 +11,8 @@ which always gets `-m vm` first (a later -m of yours replaces it). Lane options:
     --console       show the guest kernel's console live (default: kept in a log file, whose
                     tail is shown when the lane fails)
     --no-install    skip tests/vm/install.sh (which is fast when everything is in place)
+    --output DIR    copy the files the guest leaves in $FLEXBLOCK_VM_OUTPUT (a benchmark's
+                    results) into DIR on the host; the repository is read-only in the guest
 
 One boot runs all of them: install.sh (packages, virtme-ng, kernel), then `vng` boots the kernel
 under TCG (software emulation: nested KVM hangs on the machines this runs on) with the host's
@@ -80,6 +82,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--console", action="store_true")
     p.add_argument("--no-install", action="store_true")
     p.add_argument("--venv", type=Path, default=REPO / ".venv")
+    p.add_argument("--output", type=Path, metavar="DIR")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="run this Python script in the VM (e.g. a benchmark) instead of "
                         "pytest; the remaining arguments go to it")
@@ -253,6 +256,9 @@ def main(argv: list[str]) -> int:
     guest_env = {LANE_ENV: "1", HOST_KERNEL_ENV: platform.release(),
                  "FLEXBLOCK_VM_XCHG": str(xchg), "FLEXBLOCK_VM_PYTHON": str(python),
                  "FLEXBLOCK_VM_CACHED": " ".join(f"{tag}:{path}" for tag, path in exports)}
+    if opts.output is not None:
+        (xchg / "output").mkdir()
+        guest_env["FLEXBLOCK_VM_OUTPUT"] = str(xchg / "output")
     guest_cmd = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in guest_env.items()),
                           "/bin/sh", shlex.quote(str(HERE / "guest.sh"))])
     cmd = [str(vng), "--run", str(kernel), "--disable-kvm",
@@ -336,6 +342,11 @@ def main(argv: list[str]) -> int:
         result = json.loads((xchg / "result.json").read_text())
     except (OSError, ValueError):
         pass
+    if opts.output is not None:
+        opts.output.mkdir(parents=True, exist_ok=True)
+        for produced in sorted((xchg / "output").iterdir()):
+            shutil.copy2(produced, opts.output / produced.name)
+            say(f"guest output: {opts.output / produced.name}")
     shutil.rmtree(xchg, ignore_errors=True)
 
     boot = (f"boot {guest_started[0] - t_boot:.1f} s (guest uptime {guest_uptime[0]:.1f} s "
