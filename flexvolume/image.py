@@ -90,6 +90,41 @@ def resolve(file: str, share: str | None) -> tuple[str, list[str]]:
     return root, parts
 
 
+def volume_directory(root_option: str, root: str, name_option: str, name: str) -> str:
+    """The directory <root>/<name> of a volume kept in a directory of its own (ploop): *root*
+    an absolute path to an existing directory on a mounted, real filesystem, *name* one plain
+    component that, if it exists, is a directory on the same filesystem (not a symlink)."""
+    _components(root_option, root)
+    if not root.startswith("/"):
+        raise DriverError(f"option {root_option!r}: {root!r} is not an absolute path")
+    if "/" in name or name in ("", ".", "..") or _components(name_option, name) != [name]:
+        raise DriverError(f"option {name_option!r}: {name!r} is not a single path component")
+    real = os.path.realpath(root)
+    if real == "/":
+        raise DriverError(f"option {root_option!r}: {root!r} is the root directory")
+    try:
+        root_fd = os.open(real, _DIR_FLAGS)
+    except OSError as e:
+        raise DriverError(f"option {root_option!r}: {root}: {e.strerror}") from None
+    try:
+        entry = max((m for m in mounts.mount_table() if _inside(real, m.mount_point)),
+                    key=lambda m: len(m.mount_point))
+        if entry.fs_type in mounts.PSEUDO_FS_TYPES:
+            raise DriverError(f"{root} is on a {entry.fs_type} pseudo-filesystem")
+        try:
+            st = os.lstat(name, dir_fd=root_fd)
+        except FileNotFoundError:
+            return os.path.join(real, name)
+        if not stat.S_ISDIR(st.st_mode):
+            raise DriverError(f"{os.path.join(root, name)} is a symlink or not a directory")
+        if st.st_dev != os.fstat(root_fd).st_dev:
+            raise DriverError(f"{os.path.join(root, name)} is another filesystem mounted "
+                              "inside the volume path")
+        return os.path.join(real, name)
+    finally:
+        os.close(root_fd)
+
+
 class Image:
     """An open image file, its directory, and whether this call is creating it."""
 
@@ -99,6 +134,10 @@ class Image:
         self.name = name
         self.path = path
         self.temp_name = temp_name  # set while a new image is still unpublished
+
+    def is_blank(self) -> bool:
+        """Nothing but zeros in it: a filesystem may be made on it."""
+        return filesystem.is_blank(self.fd)
 
     @property
     def created(self) -> bool:

@@ -12,6 +12,7 @@ BACKENDS = {
     "qemu-nbd": "flexvolume.backends.qemu_nbd",
     "nbd": "flexvolume.backends.qemu_nbd",
     "sheepdog": "flexvolume.backends.sheepdog",
+    "ploop": "flexvolume.backends.ploop",
 }
 
 
