@@ -104,13 +104,19 @@ _USER_KEYS = frozenset({"file", "share", "size", "fsType", "format", "allocate",
                         "mmpUpdateInterval", "fsck", "fsckOptions", "mountOptions", "lock"})
 
 
-def parse(raw: str) -> VolumeOptions:
+def load(raw: str) -> dict[str, str]:
+    """The options JSON kubelet passes: an object of strings."""
     try:
         data = json.loads(raw)
     except ValueError as e:
         raise OptionError("<json>", f"not valid JSON ({e})") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise OptionError("<json>", "must be an object whose values are strings")
+    return data
+
+
+def parse(raw: str) -> VolumeOptions:
+    data = load(raw)
     user: dict[str, str] = {}
     for key, value in data.items():
         canonical = _ALIASES.get(key, key)

@@ -8,7 +8,6 @@ attaching the volume differ from the image-file backends.
 from __future__ import annotations
 
 import collections
-import json
 import os
 from types import ModuleType
 
@@ -40,12 +39,7 @@ class Source(collections.namedtuple("Source", "path blank")):
 
 
 def parse(raw: str) -> PloopOptions:
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise OptionError("<json>", f"not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise OptionError("<json>", "must be an object whose values are strings")
+    data = options.load(raw)
     unknown = sorted(k for k in data if k not in _USER_KEYS and not k.startswith("kubernetes.io/"))
     if unknown:
         raise OptionError(unknown[0], f"unknown option{'s' if len(unknown) > 1 else ''} "
@@ -112,8 +106,6 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             raise DriverError(f"{target} already has another filesystem mounted")
         return f"{directory} already mounted at {target}"
     tool = backend.vstorage() if opts.vzs else None  # refused before anything changes
-    if opts.read_only and opts.size is None and not os.path.isdir(directory):
-        raise DriverError(f"{directory} does not exist")
     try:
         vol = ploop.create_or_open(directory, None if opts.read_only else opts.size)
     except ploop.SizeMismatch:
