@@ -25,7 +25,8 @@ from .backends import BACKENDS
 _INIT = ('{{"status":"Success","capabilities":{{"attach":false,"fsGroup":false,'
          '"requiresFSResize":{},"selinuxRelabel":true,"supportsMetrics":true}}}}')
 INIT_REPLIES = {"loop": _INIT.format("true"), "qemu-nbd": _INIT.format("false"),
-                "nbd": _INIT.format("false"), "sheepdog": _INIT.format("false")}
+                "nbd": _INIT.format("false"), "sheepdog": _INIT.format("false"),
+                "ploop": _INIT.format("false")}
 NOT_SUPPORTED_REPLY = '{"status":"Not supported"}'
 
 # command -> number of arguments after it
@@ -49,6 +50,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _call(driver: str, command: str, args: list[str]) -> tuple[str, int]:
+    import importlib
     import json
 
     from . import backends, log, options, volume
@@ -73,14 +75,16 @@ def _call(driver: str, command: str, args: list[str]) -> tuple[str, int]:
         return json.dumps({"status": "Failure", "message": f"{command} takes {_ARITY[command]} "
                            f"arguments, got {len(args)}"}), 1
     raw_options = {"mount": lambda: args[1], "expandfs": lambda: args[0]}.get(command, str)()
+    # a backend whose volumes are not one image file brings its own flow (ploop: a directory)
+    flow = importlib.import_module(backend.FLOW) if hasattr(backend, "FLOW") else volume
     fields = {"command": command, "options": options.redacted(raw_options) if raw_options else ""}
     try:
         if command == "mount":
-            message = volume.mount(args[0], args[1], backend)
+            message = flow.mount(args[0], args[1], backend)
         elif command == "unmount":
-            message = volume.unmount(args[0], backend)
+            message = flow.unmount(args[0], backend)
         else:
-            message = volume.expandfs(args[0], args[2], args[3], backend)
+            message = flow.expandfs(args[0], args[2], args[3], backend)
     except DriverError as e:
         log.log(identifier, log.ERROR, f"{command} failed: {e}", **fields)
         return json.dumps({"status": "Failure", "message": str(e)}), 1

@@ -91,6 +91,41 @@ def resolve(file: str, share: str | None) -> tuple[str, list[str]]:
     return root, parts
 
 
+def volume_directory(root_option: str, root: str, name_option: str, name: str) -> str:
+    """The directory <root>/<name> of a volume kept in a directory of its own (ploop): *root*
+    an absolute path to an existing directory on a mounted, real filesystem, *name* one plain
+    component that, if it exists, is a directory on the same filesystem (not a symlink)."""
+    _components(root_option, root)
+    if not root.startswith("/"):
+        raise DriverError(f"option {root_option!r}: {root!r} is not an absolute path")
+    if "/" in name or name in ("", ".", "..") or _components(name_option, name) != [name]:
+        raise DriverError(f"option {name_option!r}: {name!r} is not a single path component")
+    real = os.path.realpath(root)
+    if real == "/":
+        raise DriverError(f"option {root_option!r}: {root!r} is the root directory")
+    try:
+        root_fd = os.open(real, _DIR_FLAGS)
+    except OSError as e:
+        raise DriverError(f"option {root_option!r}: {root}: {e.strerror}") from None
+    try:
+        entry = max((m for m in mounts.mount_table() if _inside(real, m.mount_point)),
+                    key=lambda m: len(m.mount_point))
+        if entry.fs_type in mounts.PSEUDO_FS_TYPES:
+            raise DriverError(f"{root} is on a {entry.fs_type} pseudo-filesystem")
+        try:
+            st = os.lstat(name, dir_fd=root_fd)
+        except FileNotFoundError:
+            return os.path.join(real, name)
+        if not stat.S_ISDIR(st.st_mode):
+            raise DriverError(f"{os.path.join(root, name)} is a symlink or not a directory")
+        if st.st_dev != os.fstat(root_fd).st_dev:
+            raise DriverError(f"{os.path.join(root, name)} is another filesystem mounted "
+                              "inside the volume path")
+        return os.path.join(real, name)
+    finally:
+        os.close(root_fd)
+
+
 class Image:
     """An open image file, its directory, and whether this call is creating it."""
 
@@ -100,6 +135,10 @@ class Image:
         self.name = name
         self.path = path
         self.temp_name = temp_name  # set while a new image is still unpublished
+
+    def is_blank(self) -> bool:
+        """Nothing but zeros in it: a filesystem may be made on it."""
+        return filesystem.is_blank(self.fd)
 
     @property
     def created(self) -> bool:
@@ -147,32 +186,10 @@ class Image:
                 raise DriverError(f"{self.path} is in use ({e.holder})") from None
 
     def mark_formatting(self, on: bool) -> None:
-        """Mark (or unmark) an existing image as being formatted in place.
-
-        mkfs writes the superblock last: killed half-way, it leaves data and no signature, which
-        the driver must not take for a blank image again (it could be anyone's data) and would
-        refuse for ever. The mark, an extended attribute of the image file, is set before mkfs
-        and removed after it, before anything mounts the volume. Where the share refuses user
-        extended attributes there is no mark, and such an image needs an administrator; a mark
-        that cannot be removed fails the mount, since a mounted volume holds data.
-        """
-        try:
-            if on:
-                os.setxattr(self.fd, _FORMATTING_XATTR, b"1")
-            else:
-                os.removexattr(self.fd, _FORMATTING_XATTR)
-        except OSError as e:
-            if not on and e.errno not in (errno.ENOTSUP, errno.ENODATA):
-                raise DriverError(f"cannot unmark {self.path} as being formatted: "
-                                  f"{e.strerror}") from None
+        mark_formatting(self.fd, on, self.path)
 
     def formatting_interrupted(self) -> bool:
-        """Whether a format of this image in place was killed before it finished."""
-        try:
-            os.getxattr(self.fd, _FORMATTING_XATTR)
-        except OSError:
-            return False
-        return True
+        return formatting_interrupted(self.fd)
 
     def convert(self, image_format: str, *, allocate: bool) -> None:
         """Rewrite the new (raw, formatted, unpublished) image in *image_format*: qemu-img
@@ -303,6 +320,36 @@ def open_image(root: str, parts: list[str], *, read_only: bool, size: int | None
     except BaseException:
         os.close(dir_fd)
         raise
+
+
+def mark_formatting(image: int | str, on: bool, display: str) -> None:
+    """Mark (or unmark) an existing image (an fd or a path) as being formatted in place.
+
+    mkfs writes the superblock last: killed half-way, it leaves data and no signature, which
+    the driver must not take for a blank image again (it could be anyone's data) and would
+    refuse for ever. The mark, an extended attribute of the image file, is set before mkfs
+    and removed after it, before anything mounts the volume. Where the share refuses user
+    extended attributes there is no mark, and such an image needs an administrator; a mark
+    that cannot be removed fails the mount, since a mounted volume holds data.
+    """
+    try:
+        if on:
+            os.setxattr(image, _FORMATTING_XATTR, b"1")
+        else:
+            os.removexattr(image, _FORMATTING_XATTR)
+    except OSError as e:
+        if not on and e.errno not in (errno.ENOTSUP, errno.ENODATA):
+            raise DriverError(f"cannot unmark {display} as being formatted: "
+                              f"{e.strerror}") from None
+
+
+def formatting_interrupted(image: int | str) -> bool:
+    """Whether a format of this image (an fd or a path) in place was killed before it ended."""
+    try:
+        os.getxattr(image, _FORMATTING_XATTR)
+    except OSError:
+        return False
+    return True
 
 
 def virtual_size(fd: int) -> int:

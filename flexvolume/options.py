@@ -67,7 +67,7 @@ def parse_bool(name: str, text: str) -> bool:
     raise OptionError(name, f"{text!r} is not a boolean (true or false)")
 
 
-def _parse_int(name: str, text: str, low: int, high: int) -> int:
+def parse_int(name: str, text: str, low: int, high: int) -> int:
     text = text.strip()
     # isdigit() alone accepts digits int() refuses, such as "²".
     if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
@@ -75,7 +75,7 @@ def _parse_int(name: str, text: str, low: int, high: int) -> int:
     return int(text)
 
 
-def _parse_fs_type(name: str, text: str) -> str | None:
+def parse_fs_type(name: str, text: str) -> str | None:
     if text == "":
         return None  # kubelet sends "" when the pod spec names no fsType
     if text not in FS_TYPES:
@@ -90,7 +90,7 @@ def _parse_fsck_options(name: str, text: str) -> str:
     return text
 
 
-def _parse_mount_options(name: str, text: str) -> tuple[str, ...]:
+def parse_mount_options(name: str, text: str) -> tuple[str, ...]:
     words = tuple(w.strip() for w in text.split(",") if w.strip())
     for word in words:
         if not _MOUNT_WORD.fullmatch(word):
@@ -104,7 +104,8 @@ _USER_KEYS = frozenset({"file", "share", "size", "fsType", "format", "allocate",
                         "mmpUpdateInterval", "fsck", "fsckOptions", "mountOptions", "lock"})
 
 
-def parse(raw: str) -> VolumeOptions:
+def load(raw: str) -> dict[str, str]:
+    """The options JSON kubelet passes: an object of strings."""
     try:
         data = json.loads(raw)
     except ValueError as e:
@@ -113,6 +114,11 @@ def parse(raw: str) -> VolumeOptions:
         raise OptionError("<json>", "nested too deeply to be the options object") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise OptionError("<json>", "must be an object whose values are strings")
+    return data
+
+
+def parse(raw: str) -> VolumeOptions:
+    data = load(raw)
     user: dict[str, str] = {}
     for key, value in data.items():
         canonical = _ALIASES.get(key, key)
@@ -126,9 +132,9 @@ def parse(raw: str) -> VolumeOptions:
     file = user.get("file", "")
     if not file:
         raise OptionError("file", "is required")
-    fs_type = _parse_fs_type("kubernetes.io/fsType", data.get("kubernetes.io/fsType", ""))
+    fs_type = parse_fs_type("kubernetes.io/fsType", data.get("kubernetes.io/fsType", ""))
     if "fsType" in user:
-        option_fs_type = _parse_fs_type("fsType", user["fsType"])
+        option_fs_type = parse_fs_type("fsType", user["fsType"])
         if fs_type and option_fs_type and fs_type != option_fs_type:
             raise OptionError("fsType", f"{option_fs_type!r} contradicts the volume's fsType "
                               f"{fs_type!r}")
@@ -136,7 +142,7 @@ def parse(raw: str) -> VolumeOptions:
     readwrite = data.get("kubernetes.io/readwrite", "rw")
     if readwrite not in ("rw", "ro"):
         raise OptionError("kubernetes.io/readwrite", f"{readwrite!r} is neither rw nor ro")
-    mount_options = _parse_mount_options("mountOptions", user.get("mountOptions", ""))
+    mount_options = parse_mount_options("mountOptions", user.get("mountOptions", ""))
     image_format = user.get("format") or "raw"
     if image_format not in IMAGE_FORMATS:
         raise OptionError("format", f"{image_format!r} is not supported (use one of "
@@ -153,13 +159,13 @@ def parse(raw: str) -> VolumeOptions:
         read_only=readwrite == "ro" or "ro" in mount_options,
         allocate=parse_bool("allocate", user.get("allocate", "false")),
         mmp=parse_bool("mmp", user.get("mmp", "true")),
-        mmp_update_interval=_parse_int("mmpUpdateInterval", user.get("mmpUpdateInterval", "5"),
+        mmp_update_interval=parse_int("mmpUpdateInterval", user.get("mmpUpdateInterval", "5"),
                                        1, MMP_INTERVAL_MAX),
         fsck=parse_bool("fsck", user.get("fsck", "true")),
         fsck_options=_parse_fsck_options("fsckOptions", user.get("fsckOptions", "a")),
         mount_options=mount_options,
         lock=parse_bool("lock", user.get("lock", "true")),
-        fs_group=(_parse_int("kubernetes.io/mounterArgs.FsGroup", fs_group_text, 0, 2**31 - 1)
+        fs_group=(parse_int("kubernetes.io/mounterArgs.FsGroup", fs_group_text, 0, 2**31 - 1)
                   if fs_group_text else None),
         volume_name=data.get("kubernetes.io/pvOrVolumeName"),
         pod=f"{namespace}/{pod}" if namespace and pod else None,

@@ -19,7 +19,7 @@ EXT_FAMILY = ("ext2", "ext3", "ext4")
 MOUNTABLE = EXT_FAMILY + ("xfs", "btrfs")
 
 
-def _check_target(target: str) -> str:
+def check_target(target: str) -> str:
     """Kubelet's mount dir, as the mount table will name it: kubelet's root is often reached
     through a symlink (/var/lib/kubelet -> /data/kubelet), mountinfo shows the real path."""
     if "\0" in target or not target.startswith("/"):
@@ -36,7 +36,7 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
     """Attach the volume's image (creating and formatting it if needed) and mount it at
     *target*. Returns a line for the log."""
     opts = options.parse(raw_options)
-    target = _check_target(target)
+    target = check_target(target)
     root, parts = image.resolve(opts.file, opts.share)
     current = mounts.mount_at(target)
     if current is not None:
@@ -45,7 +45,7 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
             if device is None or not _same_image(device, img.fd):
                 raise DriverError(f"{target} already has another filesystem mounted")
         # A driver killed between mount(2) and the fsGroup step left it mounted: finish that.
-        _apply_fs_group(target, opts)
+        apply_fs_group(target, opts)
         return f"{img.path} already mounted at {target}"
 
     if opts.image_format not in backend.IMAGE_FORMATS:
@@ -78,22 +78,9 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
                               "read-write by one pod at a time") from None
         _faultpoint.reached("attach")
         try:
-            fs_type = _prepare_filesystem(device, img, opts)
+            fs_type = prepare_filesystem(device, img, opts)
             _faultpoint.reached("prepare")
-            os.makedirs(target, 0o750, exist_ok=True)
-            flags, data = mounts.mount_arguments(fs_type, opts.mount_options, opts.read_only)
-            try:
-                mounts.mount(device.path, target, fs_type, flags, data)
-            except OSError as e:
-                raise DriverError(f"mounting {img.path} ({fs_type}) at {target}: "
-                                  f"{e.strerror}") from None
-            _faultpoint.reached("mount")
-            try:
-                _apply_fs_group(target, opts)
-            except BaseException:
-                mounts.unmount(target)
-                raise
-            _faultpoint.reached("fs-group")
+            mount_device(device.path, fs_type, target, opts, img.path)
         except BaseException:
             device.detach()
             raise
@@ -101,7 +88,25 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
         return f"{created}{img.path} ({fs_type}) on {device.path} mounted at {target}"
 
 
-def _prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -> str:
+def mount_device(device: str, fs_type: str, target: str, opts, what: str) -> None:
+    """Mount *device* (holding volume *what*) at *target* and give the fsGroup its root;
+    nothing stays mounted if that fails."""
+    os.makedirs(target, 0o750, exist_ok=True)
+    flags, data = mounts.mount_arguments(fs_type, opts.mount_options, opts.read_only)
+    try:
+        mounts.mount(device, target, fs_type, flags, data)
+    except OSError as e:
+        raise DriverError(f"mounting {what} ({fs_type}) at {target}: {e.strerror}") from None
+    _faultpoint.reached("mount")
+    try:
+        apply_fs_group(target, opts)
+    except BaseException:
+        mounts.unmount(target)
+        raise
+    _faultpoint.reached("fs-group")
+
+
+def prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -> str:
     """Make sure *device* holds a filesystem we may mount; returns its type."""
     # What an image marked as being formatted holds is our own half-made filesystem, never
     # mounted (a mount killed in mkfs): it is made again.
@@ -118,7 +123,7 @@ def _prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -
             raise DriverError(f"{img.path} holds a {what}, not a filesystem; refusing to format it")
         if opts.read_only:
             raise DriverError(f"{img.path} holds no filesystem and is to be mounted read-only")
-        if not redo and not filesystem.is_blank(img.fd):
+        if not redo and not img.is_blank():
             raise DriverError(f"{img.path} holds data but no recognised filesystem; refusing to "
                               "format it")
         fs_type = opts.fs_type or options.DEFAULT_FS_TYPE
@@ -146,7 +151,7 @@ def _prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -
     return fs_type
 
 
-def _apply_fs_group(target: str, opts: options.VolumeOptions) -> None:
+def apply_fs_group(target: str, opts: options.VolumeOptions) -> None:
     """Give the pod's fsGroup the volume's root directory (group-owned, setgid, writable).
 
     Kubelet's own fsGroup handling (capability fsGroup) would chown every file recursively at
@@ -163,7 +168,7 @@ def _apply_fs_group(target: str, opts: options.VolumeOptions) -> None:
 
 
 def unmount(target: str, backend: ModuleType) -> str:
-    target = _check_target(target)
+    target = check_target(target)
     current = mounts.mount_at(target)
     if current is None:
         backend.collect()
@@ -191,7 +196,7 @@ def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleT
     if not (new_size_text.isascii() and new_size_text.isdigit()):
         raise DriverError(f"new size {new_size_text!r} is not a byte count")
     new_size = int(new_size_text)
-    target = _check_target(target)
+    target = check_target(target)
     current = mounts.mount_at(target)
     device = backend.device_for(current) if current is not None else None
     if device is None:

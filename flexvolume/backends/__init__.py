@@ -12,11 +12,12 @@ BACKENDS = {
     "qemu-nbd": "flexvolume.backends.qemu_nbd",
     "nbd": "flexvolume.backends.qemu_nbd",
     "sheepdog": "flexvolume.backends.sheepdog",
+    "ploop": "flexvolume.backends.ploop",
 }
 
 # The seeds' driver names, installed too so that their pod specs work unchanged; each is served
 # by the backend of its basename (kvaps~loop/loop -> "loop").
-SEED_ALIASES = ("kvaps/loop", "kvaps/qemu-nbd", "kvaps/nbd", "kvaps/sheepdog")
+SEED_ALIASES = ("kvaps/loop", "kvaps/qemu-nbd", "kvaps/nbd", "kvaps/sheepdog", "virtuozzo/ploop")
 
 
 def load(driver_name: str):
