@@ -55,6 +55,12 @@ class PloopDevice:
         self._index = index
         self._fd = -1
 
+    @property
+    def size(self) -> int:
+        """The device's size in bytes, as the kernel has it (sysfs counts 512-byte sectors)."""
+        with open(f"/sys/class/block/{os.path.basename(self.path)}/size", encoding="ascii") as f:
+            return int(f.read()) * 512
+
     def fileno(self) -> int:
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
