@@ -141,7 +141,10 @@ def mkfs(target: str, fs_type: str, *, mmp: bool, mmp_interval: int,
          pass_fds: tuple[int, ...] = ()) -> None:
     """Format *target*, a block device or an image file."""
     if fs_type in ("ext4", "ext3"):
-        argv = [f"mkfs.{fs_type}", "-q", "-F"]
+        # 4 KiB blocks whatever the size: below 512 MiB mke2fs picks 1 KiB ones, and each
+        # write of one is a partial page of the image file, which an NFS client must first
+        # READ from the server (3000 small files: 1189 READs instead of none).
+        argv = [f"mkfs.{fs_type}", "-q", "-F", "-b", "4096"]
         if mmp and fs_type == "ext4":
             argv += ["-O", "mmp", "-E", f"mmp_update_interval={mmp_interval}"]
     elif fs_type == "xfs":
