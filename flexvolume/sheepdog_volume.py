@@ -15,6 +15,7 @@ from types import ModuleType
 
 from . import filesystem, mounts, options, volume
 from .errors import DriverError, OptionError
+from .volume import unmount  # noqa: F401  (the image flow's: nothing in it is sheepdog's)
 
 # qemu's legacy filename splits at ":" and its URI form takes the rest as a path; dog would
 # read a leading "-" as an option. SD_MAX_VDI_LEN is 256 with the NUL.
@@ -149,18 +150,8 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
                           "resize while unmounted, or ask for its current size")
     source = Source(what, state is None or state.used == 0)
     device = backend.attach(opts.vdi, read_only=opts.read_only)
-    try:
-        fs_type = volume.prepare_filesystem(device, source, opts)
-        volume.mount_device(device.path, fs_type, target, opts, what)
-    except BaseException:
-        device.detach()
-        raise
-    device.relinquish()
+    fs_type = volume.mount_attached(device, source, target, opts, what)
     return f"{'created ' if created else ''}{what} ({fs_type}) on {device.path} mounted at {target}"
-
-
-def unmount(target: str, backend: ModuleType) -> str:
-    return volume.unmount(target, backend)
 
 
 def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleType) -> str:
