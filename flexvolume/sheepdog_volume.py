@@ -98,11 +98,11 @@ def parse(raw: str, backend: ModuleType) -> SheepdogOptions:
     )
 
 
-def _describe(vdi) -> str:
+def _describe(vdi: tuple) -> str:
     return f"VDI {vdi.name} on {vdi.address}:{vdi.port}"
 
 
-def _find(backend: ModuleType, vdi):
+def _find(backend: ModuleType, vdi: tuple):
     listing = filesystem.run(backend.vdi_list_argv(vdi), f"listing {_describe(vdi)}")
     return backend.parse_vdi_list(listing.stdout, vdi.name)
 
@@ -117,7 +117,8 @@ def create_argv(opts: SheepdogOptions, backend: ModuleType) -> list[str]:
 def _create(backend: ModuleType, opts: SheepdogOptions) -> bool:
     """Create the VDI: True if this call did, False if another node did meanwhile."""
     try:
-        filesystem.run(create_argv(opts, backend), f"creating {_describe(opts.vdi)}", timeout=CREATE_TIMEOUT)
+        filesystem.run(create_argv(opts, backend), f"creating {_describe(opts.vdi)}",
+                       timeout=CREATE_TIMEOUT)
     except DriverError:
         if _find(backend, opts.vdi) is None:
             raise
@@ -151,7 +152,8 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
     source = Source(what, state is None or state.used == 0)
     device = backend.attach(opts.vdi, read_only=opts.read_only)
     fs_type = volume.mount_attached(device, source, target, opts, what)
-    return f"{'created ' if created else ''}{what} ({fs_type}) on {device.path} mounted at {target}"
+    return (f"{'created ' if created else ''}{what} ({fs_type}) on {device.path} mounted at "
+            f"{target}")
 
 
 def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleType) -> str:
