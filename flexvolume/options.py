@@ -117,21 +117,24 @@ def load(raw: str) -> dict[str, str]:
     return data
 
 
-def parse(raw: str) -> VolumeOptions:
-    data = load(raw)
+def user_options(data: dict[str, str], keys: frozenset[str]) -> dict[str, str]:
+    """The user's options among *data* (under their canonical names), which must be *keys*
+    or their aliases; kubelet's own keys are left out."""
     user: dict[str, str] = {}
     for key, value in data.items():
         canonical = _ALIASES.get(key, key)
-        if canonical in _USER_KEYS:
+        if canonical in keys:
             if canonical in user:
                 raise OptionError(key, f"given twice (as {canonical!r} too)")
             user[canonical] = value
         elif not key.startswith("kubernetes.io/"):
             raise OptionError(key, "unknown option")
+    return user
 
-    file = user.get("file", "")
-    if not file:
-        raise OptionError("file", "is required")
+
+def filesystem_options(data: dict[str, str], user: dict[str, str]) -> dict[str, object]:
+    """The fields every volume's filesystem takes (fs_type read_only mount_options fs_group
+    mmp mmp_update_interval fsck fsck_options), from kubelet's keys and the user's options."""
     fs_type = parse_fs_type("kubernetes.io/fsType", data.get("kubernetes.io/fsType", ""))
     if "fsType" in user:
         option_fs_type = parse_fs_type("fsType", user["fsType"])
@@ -143,32 +146,43 @@ def parse(raw: str) -> VolumeOptions:
     if readwrite not in ("rw", "ro"):
         raise OptionError("kubernetes.io/readwrite", f"{readwrite!r} is neither rw nor ro")
     mount_options = parse_mount_options("mountOptions", user.get("mountOptions", ""))
+    fs_group_text = data.get("kubernetes.io/mounterArgs.FsGroup",
+                             data.get("kubernetes.io/fsGroup"))
+    return dict(
+        fs_type=fs_type,
+        read_only=readwrite == "ro" or "ro" in mount_options,
+        mount_options=mount_options,
+        fs_group=(parse_int("kubernetes.io/mounterArgs.FsGroup", fs_group_text, 0, 2**31 - 1)
+                  if fs_group_text else None),
+        mmp=parse_bool("mmp", user.get("mmp", "true")),
+        mmp_update_interval=parse_int("mmpUpdateInterval", user.get("mmpUpdateInterval", "5"),
+                                      1, MMP_INTERVAL_MAX),
+        fsck=parse_bool("fsck", user.get("fsck", "true")),
+        fsck_options=_parse_fsck_options("fsckOptions", user.get("fsckOptions", "a")),
+    )
+
+
+def parse(raw: str) -> VolumeOptions:
+    data = load(raw)
+    user = user_options(data, _USER_KEYS)
+    file = user.get("file", "")
+    if not file:
+        raise OptionError("file", "is required")
     image_format = user.get("format") or "raw"
     if image_format not in IMAGE_FORMATS:
         raise OptionError("format", f"{image_format!r} is not supported (use one of "
                           f"{', '.join(IMAGE_FORMATS)})")
-    fs_group_text = data.get("kubernetes.io/mounterArgs.FsGroup",
-                             data.get("kubernetes.io/fsGroup"))
     namespace, pod = data.get("kubernetes.io/pod.namespace"), data.get("kubernetes.io/pod.name")
     return VolumeOptions(
         file=file,
         share=user.get("share") or None,
         size=parse_size("size", user["size"]) if user.get("size") else None,
-        fs_type=fs_type,
         image_format=image_format,
-        read_only=readwrite == "ro" or "ro" in mount_options,
         allocate=parse_bool("allocate", user.get("allocate", "false")),
-        mmp=parse_bool("mmp", user.get("mmp", "true")),
-        mmp_update_interval=parse_int("mmpUpdateInterval", user.get("mmpUpdateInterval", "5"),
-                                       1, MMP_INTERVAL_MAX),
-        fsck=parse_bool("fsck", user.get("fsck", "true")),
-        fsck_options=_parse_fsck_options("fsckOptions", user.get("fsckOptions", "a")),
-        mount_options=mount_options,
         lock=parse_bool("lock", user.get("lock", "true")),
-        fs_group=(parse_int("kubernetes.io/mounterArgs.FsGroup", fs_group_text, 0, 2**31 - 1)
-                  if fs_group_text else None),
         volume_name=data.get("kubernetes.io/pvOrVolumeName"),
         pod=f"{namespace}/{pod}" if namespace and pod else None,
+        **filesystem_options(data, user),
     )
 
 

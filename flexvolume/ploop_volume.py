@@ -123,13 +123,7 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
         _set_vzs_attributes(tool, directory, opts.vzs)
     source = Source(vol.image_path, _is_blank(vol))
     device = backend.attach(directory, read_only=opts.read_only)
-    try:
-        fs_type = volume.prepare_filesystem(device, source, opts)
-        volume.mount_device(device.path, fs_type, target, opts, directory)
-    except BaseException:
-        device.detach()
-        raise
-    device.relinquish()
+    fs_type = volume.mount_attached(device, source, target, opts, directory)
     return f"{directory} ({fs_type}) on {device.path} mounted at {target}"
 
 

@@ -106,6 +106,20 @@ def mount_device(device: str, fs_type: str, target: str, opts, what: str) -> Non
     _faultpoint.reached("fs-group")
 
 
+def mount_attached(device, source, target: str, opts, what: str) -> str:
+    """Prepare the filesystem of the attached *device* (whose image *source* is, for
+    prepare_filesystem) and mount it at *target*; the device is detached if that fails, let go
+    of (left attached) if not. Returns the filesystem's type."""
+    try:
+        fs_type = prepare_filesystem(device, source, opts)
+        mount_device(device.path, fs_type, target, opts, what)
+    except BaseException:
+        device.detach()
+        raise
+    device.relinquish()
+    return fs_type
+
+
 def prepare_filesystem(device, img: image.Image, opts: options.VolumeOptions) -> str:
     """Make sure *device* holds a filesystem we may mount; returns its type."""
     # What an image marked as being formatted holds is our own half-made filesystem, never

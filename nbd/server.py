@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from .errors import NbdError
 RUN_DIR = "/run/flexblock/qemu-nbd"
 FORMATS = ("raw", "qcow2", "parallels")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -101,22 +103,43 @@ def _check_image(path: str, fmt: str) -> None:
                        "refusing to serve it", path)
 
 
-def start(fd: int, *, fmt: str = "raw", cache: str = "writeback",
-          read_only: bool = False) -> Server:
-    """Serve the image open as *fd* (the server opens it through /proc/self/fd, so a path
-    checked by the caller cannot be swapped) with discards passed down to the file."""
+def _check_settings(fmt: str, cache: str) -> None:
     if fmt not in FORMATS:
         raise NbdError(errno.EINVAL, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if cache not in CACHE_MODES:
         raise NbdError(errno.EINVAL, f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
-    running = find(fd)
+
+
+def start(fd: int, *, fmt: str = "raw", cache: str = "writeback",
+          read_only: bool = False) -> Server:
+    """Serve the image open as *fd* (the server opens it through /proc/self/fd, so a path
+    checked by the caller cannot be swapped) with discards passed down to the file."""
+    _check_settings(fmt, cache)
+    _check_image(f"/proc/{os.getpid()}/fd/{fd}", fmt)
+    return _launch(image_id(fd), f"/proc/self/fd/{fd}", fmt, cache, read_only, (fd,))
+
+
+def start_named(ident: str, filename: str, *, fmt: str = "raw", cache: str = "writeback",
+                read_only: bool = False) -> Server:
+    """Serve what qemu opens by *filename*, a protocol filename naming no local file (such as
+    ``sheepdog:HOST:PORT:VDI``), as the server *ident* (letters, digits, ``._-``: it names
+    the server's files, and the socket path must stay under 108 bytes)."""
+    if not _IDENT.fullmatch(ident):
+        raise NbdError(errno.EINVAL, f"server identity {ident!r} is not a short file name")
+    if filename.startswith("-") or "\0" in filename:
+        raise NbdError(errno.EINVAL, f"{filename!r} is not a qemu filename")
+    _check_settings(fmt, cache)
+    _check_image(filename, fmt)
+    return _launch(ident, filename, fmt, cache, read_only, ())
+
+
+def _launch(ident: str, image: str, fmt: str, cache: str, read_only: bool,
+            pass_fds: tuple[int, ...]) -> Server:
+    running = find_by_id(ident)
     if running is not None:
         raise NbdError(errno.EBUSY, f"already served by qemu-nbd {running.pid}",
                        running.socket_path)
-    ident = image_id(fd)
     socket_path, pid_path, log_path = _paths(ident)
-    image = f"/proc/self/fd/{fd}"
-    _check_image(f"/proc/{os.getpid()}/fd/{fd}", fmt)
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
     for stale in (socket_path, pid_path):
         try:
@@ -130,13 +153,13 @@ def start(fd: int, *, fmt: str = "raw", cache: str = "writeback",
     with open(log_path, "ab") as log:
         try:
             result = subprocess.run(argv + [image], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, pass_fds=(fd,), timeout=START_TIMEOUT)
+                                    stderr=log, pass_fds=pass_fds, timeout=START_TIMEOUT)
         except FileNotFoundError:
             raise NbdError(errno.ENOENT, "qemu-nbd is not installed (Debian: qemu-utils)") \
                 from None
     if result.returncode != 0:
         raise NbdError(errno.EIO, f"qemu-nbd failed: {_tail(log_path)}", socket_path)
-    server = find(fd)
+    server = find_by_id(ident)
     if server is None:
         raise NbdError(errno.ESRCH, f"qemu-nbd exited right after starting: {_tail(log_path)}",
                        socket_path)

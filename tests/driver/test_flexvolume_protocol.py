@@ -52,20 +52,6 @@ def test_init_of_the_qemu_nbd_driver_does_not_offer_expandfs(kubelet, driver):
         json.dumps(reply.body, separators=(",", ":"))
 
 
-@pytest.mark.parametrize("driver", ["flexblock/sheepdog", "kvaps/sheepdog"])
-def test_sheepdog_says_what_the_node_lacks(kubelet, share, driver):
-    # Neither `dog` nor a qemu with the sheepdog driver exists in any registry any more.
-    kubelet.install(driver)
-    # init succeeds so that kubelet registers the plugin and the pod's events show mount's reason
-    assert kubelet.init(driver).status == "Success"
-    reply = kubelet.mount(Pod("web"), {"vdiname": "vol1", "size": "1G"}, driver=driver)
-    assert reply.status == "Failure"
-    assert "lacks the sheepdog CLI `dog`" in reply.message
-    assert "qemu 6.0 removed it" in reply.message
-    # A pod that never mounted is still torn down.
-    assert kubelet.unmount(Pod("web"), driver=driver).status == "Success"
-
-
 def test_loop_driver_refuses_qcow2_and_names_the_driver_that_serves_it(kubelet, share):
     reply = kubelet.mount(Pod("web"), {"share": str(share), "file": "/v", "size": "30m",
                                        "format": "qcow2"})

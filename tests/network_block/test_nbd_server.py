@@ -6,6 +6,7 @@ teardown, found by the socket path only that test uses.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -109,6 +110,35 @@ def test_qcow2_naming_another_file_is_refused(run_dir, tmp_path):
         assert _qemu_nbd_serving(run_dir) == []
     finally:
         os.close(fd)
+
+
+def test_named_server_for_a_qemu_filename(run_dir, tmp_path):
+    # A protocol filename (the sheepdog driver's sheepdog:HOST:PORT:VDI) names no local file:
+    # the server is named by the caller. A json: filename stands in for it here.
+    path = _image(tmp_path, "raw", "16M")
+    filename = 'json:{"driver": "raw", "file": {"driver": "file", "filename": "%s"}}' % path
+    started = server.start_named("vdi-1", filename, read_only=True)
+    try:
+        assert server.find_by_id("vdi-1") == started and started.read_only
+        assert started.socket_path == os.path.join(run_dir, "vdi-1.sock")
+        with server.open_socket(started) as sock:
+            assert handshake(sock).size == 16 * MiB
+        with pytest.raises(NbdError, match="already served"):
+            server.start_named("vdi-1", filename)
+    finally:
+        server.stop(started)
+    assert server.find_by_id("vdi-1") is None and os.listdir(run_dir) == []
+
+
+@pytest.mark.parametrize("ident, filename", [
+    ("../x", "sheepdog:v"), ("a/b", "sheepdog:v"), ("", "sheepdog:v"), ("x" * 65, "sheepdog:v"),
+    (".x", "sheepdog:v"), ("ok", "--fork"), ("ok", "sheepdog:v\0"),
+])
+def test_named_server_refuses_unsafe_names(run_dir, ident, filename):
+    with pytest.raises(NbdError) as raised:
+        server.start_named(ident, filename)
+    assert raised.value.errno == errno.EINVAL
+    assert _qemu_nbd_serving(run_dir) == []
 
 
 def test_found_again_by_another_process_and_stdio_released(run_dir, tmp_path):
