@@ -27,7 +27,7 @@ BLOCK_SIZE_SHIFT_MIN, BLOCK_SIZE_SHIFT_MAX = 20, 31  # dog/vdi.c: objects of 1 M
 # dog writes every object of a preallocated VDI before it returns.
 CREATE_TIMEOUT = 600.0
 
-_USER_KEYS = frozenset({"vdiname", "size", "prealloc", "hyper", "copies", "address", "port",
+_USER_KEYS = frozenset({"vdiname", "size", "allocate", "prealloc", "hyper", "copies", "address", "port",
                         "block_size_shift", "fsType", "mmp", "mmpUpdateInterval", "fsck",
                         "fsckOptions", "mountOptions"})
 
@@ -76,6 +76,9 @@ def parse(raw: str, backend: ModuleType) -> SheepdogOptions:
     if copies is not None and not _COPIES.fullmatch(copies):
         raise OptionError("copies", f"{copies!r} is neither a number of copies (1 to 31) nor "
                           "an erasure code DATA:PARITY (2, 4, 8 or 16 : 1 to 15)")
+    # `allocate` is one of the seed's basic options, so sheepdog pod specs may carry it; the
+    # seed read it and created a missing VDI from `size` alone, as this driver does.
+    options.parse_bool("allocate", user.get("allocate", "false"))
     hyper = options.parse_bool("hyper", user.get("hyper", "false"))
     shift = None
     if user.get("block_size_shift"):

@@ -96,6 +96,11 @@ def test_defaults_and_filesystem_options():
         ("xfs", False, False, "p", ("noatime",))
 
 
+def test_seed_allocate_option_is_taken_and_changes_nothing():
+    # A basic option of the seed, which read it and created missing VDIs from `size` alone.
+    assert parse(vdiname="v", size="1Gi", allocate="true") == parse(vdiname="v", size="1Gi")
+
+
 @pytest.mark.parametrize("option, value", [
     ("vdiname", ""), ("vdiname", "-rf"), ("vdiname", "a:b"), ("vdiname", "a/b"),
     ("vdiname", "a b"), ("vdiname", "a#1"), ("vdiname", "a?socket=x"), ("vdiname", "x" * 256),
@@ -106,7 +111,7 @@ def test_defaults_and_filesystem_options():
     ("block_size_shift", "19"), ("block_size_shift", "32"), ("block_size_shift", "2^22"),
     ("address", "::1"), ("address", "sheep.example.com"), ("address", "1.2.3.256"),
     ("address", "010.1.1.1"), ("address", "10.0.0.1:7000"),
-    ("prealloc", "maybe"), ("prealloc", ""), ("hyper", "2"),
+    ("prealloc", "maybe"), ("prealloc", ""), ("hyper", "2"), ("allocate", "maybe"),
     ("size", "1x"), ("size", "1k"),
     ("file", "/kube-volumes/v"), ("share", "/mnt"),
 ])
