@@ -190,6 +190,10 @@ def run_backend(name: str, backend: Backend, kubelet: Kubelet, node: nfs.Node,
 def run_all(root: Path, args) -> dict:
     with nfs.cluster(root, ("node-a",), delay_us=args.delay_us) as cluster:
         node = cluster.nodes[0]
+        if args.read_ahead_kb is not None:
+            # The mount's backing_dev_info: the image's READs are this readahead at most.
+            Path(f"/sys/class/bdi/{_devno(node.mount)}/read_ahead_kb").write_text(
+                str(args.read_ahead_kb))
         kubelet = Kubelet(root / "kubelet", root / "plugins", root / "flexblock.log")
         (root / "kubelet").mkdir()
         for name in args.backends:
@@ -235,8 +239,8 @@ def summary(results: dict, args) -> dict:
 def report(results: dict, args) -> str:
     payload_bytes = args.files * args.size
     lines = [f"{args.files} files of {args.size} B in {args.dirs} directories; NFSv4.2, "
-             f"netem {args.delay_us} us each way on the client's veth; caches dropped before "
-             "every phase", ""]
+             f"netem {args.delay_us} us each way on the client's veth; NFS read_ahead_kb "
+             f"{args.read_ahead_kb or 'default'}; caches dropped before every phase", ""]
     targets = ["nfs", *args.backends]
     head = f"{'phase':8}" + "".join(f" | {t + ': s':>10} {'RPCs':>7} {'MiB wr':>7}"
                                     for t in targets)
@@ -310,8 +314,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="bytes per file")
     parser.add_argument("--delay-us", type=int, default=250,
                         help="netem delay on each end of the client's veth")
-    # The qemu-nbd columns are not yet measured through to the end (see README).
-    parser.add_argument("--backends", default="loop,loop-nolock",
+    parser.add_argument("--read-ahead-kb", type=int,
+                        help="the NFS mount's read_ahead_kb (a node-wide knob of the operator; "
+                             "default: the kernel's, 128 KiB)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--out", type=Path, default=os.environ.get("FLEXBLOCK_VM_OUTPUT"),
                         help="directory for nfs_small_files.{json,png} (default: the lane's "
