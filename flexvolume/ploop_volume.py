@@ -14,7 +14,7 @@ from types import ModuleType
 import ploop
 from ploop import image as ploop_image
 
-from . import filesystem, image, mounts, options, volume
+from . import _faultpoint, filesystem, image, mounts, options, volume
 from .errors import DriverError, OptionError
 
 # option -> attribute of `vstorage set-attr` ("vzsEencoding": the seed README's spelling)
@@ -123,8 +123,10 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
         _set_vzs_attributes(tool, directory, opts.vzs)
     source = Source(vol.image_path, _is_blank(vol))
     device = backend.attach(directory, read_only=opts.read_only)
+    _faultpoint.reached("attach")
     try:
         fs_type = volume.prepare_filesystem(device, source, opts)
+        _faultpoint.reached("prepare")
         volume.mount_device(device.path, fs_type, target, opts, directory)
     except BaseException:
         device.detach()
