@@ -126,17 +126,24 @@ def _tear_down(ident: str) -> None:
     served.tear_down(ident, list(served.nbd_devices(BACKEND_PREFIX, ident)))
 
 
+def _native_devices() -> list[tuple[str, int, str, str]]:
+    """(device, its number, image id, volume directory) of every native ploop device."""
+    found = []
+    for device, image in native.attached():
+        directory = os.path.dirname(image)
+        try:
+            found.append((device, os.stat(device).st_rdev,
+                          _image_id(ploop.open_volume(directory).image_path), directory))
+        except (OSError, ploop.PloopError):
+            continue  # gone meanwhile, or not a volume we can read: not ours to touch
+    return found
+
+
 def _native_device(mount: MountEntry) -> PloopDevice | None:
     """The native ploop device a mount lives on, if it is one."""
-    for device, image in native.attached():
-        try:
-            if os.stat(device).st_rdev != mount.devno:
-                continue
-            directory = os.path.dirname(image)
-            return PloopDevice(device, _image_id(ploop.open_volume(directory).image_path),
-                               None, directory)
-        except (OSError, ploop.PloopError):
-            continue
+    for device, devno, ident, directory in _native_devices():
+        if devno == mount.devno:
+            return PloopDevice(device, ident, None, directory)
     return None
 
 
@@ -155,14 +162,8 @@ def device_for(mount: MountEntry) -> PloopDevice | None:
 
 def _unmounted_native() -> dict[str, str]:
     """image id -> device of every native ploop device that nothing mounts."""
-    found = {}
-    for device, image in native.attached():
-        try:
-            if not _is_mounted(device):
-                found[_image_id(ploop.open_volume(os.path.dirname(image)).image_path)] = device
-        except (OSError, ploop.PloopError):
-            continue
-    return found
+    return {ident: device for device, devno, ident, _ in _native_devices()
+            if not mounts_of(devno)}
 
 
 def _collect_image(ident: str) -> None:
