@@ -187,6 +187,18 @@ def test_a_ploop_volume_is_refused_on_the_second_node(nodes):
         assert findmnt(kb.pod_dir(pod_b, driver=PLOOP)) is None
         assert ploop.find_attached(b.mount / "vol") is None
         assert reply.seconds < 20  # refused, not waited out (the interpreter starts under TCG)
+        # What refuses it: a lock conflicting with node A's qemu-nbd's, through B's client.
+        image = ploop.open_volume(b.mount / "vol").image_path
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            started = time.perf_counter()
+            with pytest.raises(ploop.ImageBusy):
+                ploop.image.lock(fd, image)
+            lock_ms = (time.perf_counter() - started) * 1000
+        finally:
+            os.close(fd)
+        print(f"the lock test itself: {lock_ms:.1f} ms")
+        assert lock_ms < 200
 
         assert ka.unmount(pod_a, driver=PLOOP).status == "Success"
         assert ploop.find_attached(a.mount / "vol") is None
