@@ -76,15 +76,7 @@ def mount(target: str, raw_options: str, backend: ModuleType) -> str:
         except loopctl.ImageBusy as e:
             raise DriverError(f"{img.path} is in use ({e.holder}); a volume can be mounted "
                               "read-write by one pod at a time") from None
-        _faultpoint.reached("attach")
-        try:
-            fs_type = prepare_filesystem(device, img, opts)
-            _faultpoint.reached("prepare")
-            mount_device(device.path, fs_type, target, opts, img.path)
-        except BaseException:
-            device.detach()
-            raise
-        device.relinquish()
+        fs_type = mount_attached(device, img, target, opts, img.path)
         return f"{created}{img.path} ({fs_type}) on {device.path} mounted at {target}"
 
 
@@ -110,8 +102,10 @@ def mount_attached(device, source, target: str, opts, what: str) -> str:
     """Prepare the filesystem of the attached *device* (whose image *source* is, for
     prepare_filesystem) and mount it at *target*; the device is detached if that fails, let go
     of (left attached) if not. Returns the filesystem's type."""
+    _faultpoint.reached("attach")
     try:
         fs_type = prepare_filesystem(device, source, opts)
+        _faultpoint.reached("prepare")
         mount_device(device.path, fs_type, target, opts, what)
     except BaseException:
         device.detach()

@@ -3,7 +3,9 @@ dm-ploop). Used when both are present; the tool then checks, locks and attaches 
 itself (P lib/ploop.c ploop_mount_image), and grows attached disks online.
 
 Output formats relied on (goploop-cli): `ploop mount` prints "Adding delta dev=/dev/ploopN
-..." (maybe after a timestamp), `ploop -v-1 info -d DD.xml` prints "device:\t/dev/ploopN".
+..." (maybe after a timestamp), `ploop -v-1 info -d DD.xml` prints "device:\t/dev/ploopN";
+`ploop list` (P tools/ploop.c plooptool_list) prints a line per attached device: its name
+under /dev, its base delta's path, then (maybe) a mount point and a cookie.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ KERNEL_MARKERS = ("/proc/vz/ploop_minor", "/sys/module/ploop")
 TIMEOUT = 600.0  # mount checks every delta first; ploop's own lock wait is 60 s
 _ADDED = re.compile(r"^(?:\[[0-9. ]+\] )*Adding delta dev=(/dev/\S*ploop\d+) ", re.MULTILINE)
 _DEVICE = re.compile(r"^device:\s+(/dev/\S*ploop\d+)\s*$", re.MULTILINE)
+_LISTED = re.compile(r"^(\S+)\s+(/\S+)", re.MULTILINE)
 
 
 def available() -> bool:
@@ -54,6 +57,17 @@ def device(descriptor_path: str) -> str | None:
     """The device the disk is attached as, if it is."""
     found = _DEVICE.search(_run("-v-1", "info", "-d", descriptor_path, path=descriptor_path))
     return found.group(1) if found else None
+
+
+def attached() -> list[tuple[str, str]]:
+    """(device, base image) of every disk attached on this host."""
+    return [(f"/dev/{name}", image)
+            for name, image in _LISTED.findall(_run("list", path="ploop list"))]
+
+
+def umount_device(device: str) -> None:
+    """`ploop umount -d DEV`: detach that very device (ploop clears the in-use flag)."""
+    _run("umount", "-d", device, path=device)
 
 
 def umount(descriptor_path: str) -> None:

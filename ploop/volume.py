@@ -373,6 +373,7 @@ def attach(directory: str | os.PathLike, *, read_only: bool = False, method: str
             server.stop(running)
             running = None
         if running is None:
+            _refuse_if_open(volume.image_path, read_only)
             if volume.format == "parallels":
                 _prepare(volume.image_path, read_only)
             running = server.start(fd, fmt=volume.format, read_only=read_only)
@@ -385,6 +386,19 @@ def attach(directory: str | os.PathLike, *, read_only: bool = False, method: str
     finally:
         os.close(fd)
     return Attachment(volume, state.path, "nbd", read_only, state.index)
+
+
+def _refuse_if_open(path: str, read_only: bool) -> None:
+    """ImageBusy at once if qemu, ploop or a writer of ours has the image open (a conflicting
+    lock), on this host or another sharing the file. Checked before anything reads the
+    in-use flag, which a user elsewhere has set: only an image nobody has open is repaired.
+    The lock is dropped again (qemu-nbd takes its own); a second host slipping in between
+    is refused by qemu's locks when it starts its server."""
+    fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        image.lock(fd, path, shared=read_only)
+    finally:
+        os.close(fd)
 
 
 def _prepare(path: str, read_only: bool) -> None:

@@ -234,3 +234,14 @@ def qemu_io_reads(path: str | os.PathLike, fmt: str, pattern: int, offset: int,
     out = subprocess.run(["qemu-io", "-f", fmt, "-c", f"read -P {pattern:#x} {offset} {length}",
                           os.fspath(path)], capture_output=True, text=True)
     return out.returncode == 0 and "Pattern verification failed" not in out.stdout
+
+
+def image_id(path: str | os.PathLike) -> str:
+    """The image's identity as nbd.server names its server (device and inode)."""
+    from nbd import server
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return server.image_id(fd)
+    finally:
+        os.close(fd)

@@ -1,5 +1,6 @@
 """NBD devices each served by a qemu-nbd daemon of its own (nbd.server) and connected through
-netlink (nbd.client): what the qemu-nbd and sheepdog backends make, each as a Family.
+netlink (nbd.client): what the qemu-nbd, sheepdog and ploop backends make, each as a Family
+(ploop's native devices are handled through the same claims and collection).
 
 Unlike a loop device with autoclear, an NBD device and its server outlive the driver call that
 made them, and nothing tears them down by itself. So:
@@ -12,8 +13,10 @@ made them, and nothing tears them down by itself. So:
 - leftovers of killed calls (a server without a device, a device nobody mounts) are torn down
   under that flock: by the next mount of the same ident, and by every unmount (collect()).
 
-Each family has a claim directory of its own: collect() takes a server for its family's only if
-its claim file is there, so one backend never stops another's servers.
+Each family has a claim directory of its own, and the claim files stay: collect() takes a
+server (or a backend's device of another kind) for its family's only if its claim file is
+there, so one backend never stops another's servers, nor what an administrator attached by
+hand.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ class Family:
                     raise DriverError(f"another driver call for volume {ident} has been running "
                                       f"for {CLAIM_TIMEOUT:.0f} s; try again later") from None
                 time.sleep(0.05)
+
+    def was_claimed(self, ident: str) -> bool:
+        """Has a call of this family on this host (since boot: /run is a tmpfs) claimed
+        *ident*?"""
+        return os.path.exists(os.path.join(self.claim_dir, ident))
 
     def devices(self, ident: str | None = None) -> dict[int, str]:
         """index -> ident of every NBD device of this family (for *ident* only, if given)."""
@@ -128,15 +136,18 @@ class Family:
             return None
         return index, backend[len(self.prefix):]
 
-    def collect(self) -> None:
+    def collect(self, tear_down: Callable[[str, list[int]], None] | None = None,
+                extra: tuple[str, ...] = ()) -> None:
         """Tear down what killed calls left behind on this host: devices of this family that
         nothing mounts and its servers without a device, skipping idents a running call has
-        claimed."""
+        claimed. *tear_down(ident, indexes)*, run under the claim, replaces the plain teardown
+        of a backend whose devices need more; *extra* names idents with devices of the
+        backend's own kind, which that function checks itself."""
         devices = self.devices()
         idents = set(devices.values()) | {
-            s.image_id for s in server.list_servers()
-            if os.path.exists(os.path.join(self.claim_dir, s.image_id))}
-        for ident in idents:
+            ident for ident in (*(s.image_id for s in server.list_servers()), *extra)
+            if self.was_claimed(ident)}
+        for ident in sorted(idents):
             indexes = [i for i, owner in devices.items() if owner == ident]
             if any(is_mounted(i) for i in indexes):
                 continue
@@ -147,25 +158,28 @@ class Family:
                 # Checked again under the claim: a call may have mounted it meanwhile.
                 indexes = list(self.devices(ident))
                 if not any(is_mounted(i) for i in indexes):
-                    self.tear_down(ident, indexes)
+                    (tear_down or self.tear_down)(ident, indexes)
             finally:
                 os.close(claim_fd)
 
 
-class NbdVolume:
-    """The NBD device a volume is connected to, with its server."""
+class Handle:
+    """A device a backend attached for a volume, as volume.py uses it: its path, an fd opened
+    on first use, and this call's claim (None when found from a mount)."""
 
-    def __init__(self, family: Family, index: int, ident: str, claim_fd: int | None):
+    def __init__(self, family: Family, path: str, ident: str, claim_fd: int | None):
         self.family = family
-        self.index = index
+        self.path = path
         self.ident = ident
-        self.path = nbd.control.device_path(index)
         self._claim_fd = claim_fd
         self._fd = -1
 
     @property
     def size(self) -> int:
-        return nbd.info(self.index).size
+        """The device's size in bytes, as the kernel has it (sysfs counts 512-byte sectors)."""
+        name = os.path.basename(os.path.realpath(self.path))
+        with open(f"/sys/class/block/{name}/size", encoding="ascii") as f:
+            return int(f.read()) * 512
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -173,7 +187,7 @@ class NbdVolume:
         return self._fd
 
     def relinquish(self) -> None:
-        """Keep the device and its server; drop our fd and this host's claim."""
+        """Keep the device attached; drop our fd and this call's claim."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -182,13 +196,28 @@ class NbdVolume:
             self._claim_fd = None
 
     def detach(self) -> None:
-        """Disconnect the device and stop its server."""
+        """Tear the device down under the claim (waiting for a running call)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self._claim_fd is None:
             self._claim_fd = self.family.claim(self.ident)
         try:
-            self.family.tear_down(self.ident, [self.index])
+            self.tear_down()
         finally:
             self.relinquish()
+
+    def tear_down(self) -> None:
+        """The backend's own teardown of this device, called under the claim."""
+        raise NotImplementedError
+
+
+class NbdVolume(Handle):
+    """The NBD device a volume is connected to, with its server."""
+
+    def __init__(self, family: Family, index: int, ident: str, claim_fd: int | None):
+        super().__init__(family, nbd.control.device_path(index), ident, claim_fd)
+        self.index = index
+
+    def tear_down(self) -> None:
+        self.family.tear_down(self.ident, [self.index])

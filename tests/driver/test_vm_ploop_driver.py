@@ -7,15 +7,21 @@ Teardown unmounts what a test mounted and detaches every ploop volume under the 
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
+import nbd
 import ploop
+from flexvolume import _faultpoint
 
-from kubelet import MiB, Pod, checksum, findmnt, kubelet, run, share, write_data  # noqa: F401
+from helpers import image_id
+from kubelet import (MiB, Kubelet, Pod, checksum, findmnt, go_json, kubelet, run,  # noqa: F401
+                     share, write_data)
 from test_vm_qemu_nbd import _nbd_mounts
 from vm.lane import vm_only
 
@@ -149,4 +155,101 @@ def test_expandfs_is_refused(ploop_kubelet, share):
     refused = ploop_kubelet.expandfs(reply.target, user, 128 * MiB, 64 * MiB, driver=DRIVER)
     assert refused.status == "Failure" and "offline" in refused.message
     assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
+    assert_nothing_left(share)
+
+
+# -- killed between server start, connect and mount --------------------------------------------
+def qemu_nbds(ident: str) -> list[int]:
+    """Every qemu-nbd process serving image *ident* (found by its socket's name), whatever
+    its pid file says."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]) == b"qemu-nbd" and any(ident.encode() in a for a in argv):
+            found.append(int(pid))
+    return found
+
+
+def nbd_devices(ident: str) -> list[int]:
+    return [d.index for d in nbd.connected() if (d.backend or "").endswith(ident)]
+
+
+def after_tool(tmp_path, tool: str) -> str:
+    """A PATH entry where *tool* runs to its end, then SIGKILLs its parent (the driver): for
+    qemu-nbd --fork, the driver dies with the server started and nothing connected to it."""
+    bindir = tmp_path / f"after-{tool}"
+    bindir.mkdir()
+    real = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    (bindir / tool).write_text(f'#!/bin/sh\n{real} "$@"\nstatus=$?\nkill -KILL $PPID\n'
+                               'exit $status\n')
+    (bindir / tool).chmod(0o755)
+    return f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def kill_mount(kubelet, tmp_path, pod, user, point: str) -> None:
+    """A mount SIGKILLed at *point*: after qemu-nbd started ("qemu-nbd"), after the device
+    was connected ("attach"), after the filesystem was checked, before mount(2) ("prepare")."""
+    env = ({"PATH": after_tool(tmp_path, "qemu-nbd")} if point == "qemu-nbd"
+           else {_faultpoint.ENV: point})
+    target = kubelet.pod_dir(pod, driver=DRIVER)
+    kubelet.prepare_for_mount(target)
+    raw = go_json(Kubelet.options(user, pod=pod))
+    proc = kubelet.spawn("mount", target, raw, driver=DRIVER, env=env)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"{point} was never reached: {output!r}"
+    assert findmnt(target) is None
+    os.rmdir(target)  # kubelet after a failed mount
+
+
+KILL_POINTS = ["qemu-nbd", "attach", "prepare"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_unmount_of_another_volume_collects_a_killed_mounts_leftovers(ploop_kubelet, share,
+                                                                      tmp_path, point):
+    pod, user = Pod("web"), seed_volume(share)
+    assert ploop_kubelet.mount(pod, user, driver=DRIVER).status == "Success"
+    before = write_data(ploop_kubelet.pod_dir(pod, driver=DRIVER))
+    assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
+    other, other_user = Pod("other"), seed_volume(share, "other-volume")
+    assert ploop_kubelet.mount(other, other_user, driver=DRIVER).status == "Success"
+    ident = image_id(ploop.open_volume(share / user["volumeId"]).image_path)
+
+    kill_mount(ploop_kubelet, tmp_path, pod, user, point)
+    assert qemu_nbds(ident), "the kill left no server: it missed its window"
+    assert bool(nbd_devices(ident)) == (point != "qemu-nbd")
+
+    assert ploop_kubelet.unmount(other, driver=DRIVER).status == "Success"
+    assert qemu_nbds(ident) == [] and nbd_devices(ident) == []
+    assert_nothing_left(share)
+    assert ploop.image.check(ploop.open_volume(share / user["volumeId"]).image_path).clean
+
+    reply = ploop_kubelet.mount(pod, user, driver=DRIVER)
+    assert reply.status == "Success", reply.message
+    assert checksum(reply.target / "data.bin") == before
+    assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
+    assert qemu_nbds(ident) == [] and nbd_devices(ident) == []
+    assert_nothing_left(share)
+
+
+def test_a_retry_takes_over_the_server_of_a_killed_mount(ploop_kubelet, share, tmp_path):
+    pod, user = Pod("web"), seed_volume(share)
+    assert ploop_kubelet.mount(pod, user, driver=DRIVER).status == "Success"
+    before = write_data(ploop_kubelet.pod_dir(pod, driver=DRIVER))
+    assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
+    ident = image_id(ploop.open_volume(share / user["volumeId"]).image_path)
+    kill_mount(ploop_kubelet, tmp_path, pod, user, "qemu-nbd")
+    left = qemu_nbds(ident)
+    assert len(left) == 1 and nbd_devices(ident) == []
+
+    reply = ploop_kubelet.mount(pod, user, driver=DRIVER)
+    assert reply.status == "Success", reply.message
+    assert qemu_nbds(ident) == left and len(nbd_devices(ident)) == 1
+    assert checksum(reply.target / "data.bin") == before
+    assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
+    assert qemu_nbds(ident) == [] and nbd_devices(ident) == []
     assert_nothing_left(share)

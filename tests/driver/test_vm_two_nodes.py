@@ -13,6 +13,7 @@ import time
 import pytest
 
 import loopctl
+import ploop
 from kubelet import (DRIVER, KiB, Kubelet, Pod, checksum, findmnt, image_path, loops_for,
                      new_volume, release_everything, wait_until, write_data)
 from test_flexvolume_mount import check_mounted, unmount_and_check_gone
@@ -161,3 +162,53 @@ def test_a_dead_nodes_lock_is_freed_after_the_lease(nodes):
     finally:
         held.close()  # node A back: autoclear unbinds its device
     assert wait_until(lambda: not loops_for(image_path(a.mount)), 60)
+
+
+PLOOP = "virtuozzo/ploop"
+
+
+def test_a_ploop_volume_is_refused_on_the_second_node(nodes):
+    """The ploop driver on two nodes: node A's qemu-nbd serves the volume's image; node B's
+    mount of the same volume (through its own NFS client) must fail at once, and succeed
+    with A's data once A has unmounted."""
+    (a, ka), (b, kb) = nodes
+    ka.install(PLOOP)
+    pod_a, pod_b = Pod("on-a"), Pod("on-b")
+    try:
+        reply = ka.mount(pod_a, {"volumeId": "vol", "size": "64Mi", "volumePath": str(a.mount)},
+                         driver=PLOOP)
+        assert reply.status == "Success", reply.message
+        digest = write_data(reply.target)
+
+        reply = kb.mount(pod_b, {"volumeId": "vol", "volumePath": str(b.mount)}, driver=PLOOP)
+        print(f"node B's ploop mount answered in {reply.seconds:.1f} s: {reply.message}")
+        assert reply.status == "Failure", reply
+        assert "in use" in reply.message
+        assert findmnt(kb.pod_dir(pod_b, driver=PLOOP)) is None
+        assert ploop.find_attached(b.mount / "vol") is None
+        assert reply.seconds < 20  # refused, not waited out (the interpreter starts under TCG)
+        # What refuses it: a lock conflicting with node A's qemu-nbd's, through B's client.
+        image = ploop.open_volume(b.mount / "vol").image_path
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            started = time.perf_counter()
+            with pytest.raises(ploop.ImageBusy):
+                ploop.image.lock(fd, image)
+            lock_ms = (time.perf_counter() - started) * 1000
+        finally:
+            os.close(fd)
+        print(f"the lock test itself: {lock_ms:.1f} ms")
+        assert lock_ms < 200
+
+        assert ka.unmount(pod_a, driver=PLOOP).status == "Success"
+        assert ploop.find_attached(a.mount / "vol") is None
+        reply = kb.mount(pod_b, {"volumeId": "vol", "volumePath": str(b.mount)}, driver=PLOOP)
+        assert reply.status == "Success", reply.message
+        assert checksum(reply.target / "data.bin") == digest
+        assert kb.unmount(pod_b, driver=PLOOP).status == "Success"
+        assert ploop.find_attached(b.mount / "vol") is None
+    finally:
+        for kubelet, pod, node in ((ka, pod_a, a), (kb, pod_b, b)):
+            subprocess.run(["umount", kubelet.pod_dir(pod, driver=PLOOP)], capture_output=True)
+            if (node.mount / "vol" / "DiskDescriptor.xml").exists():
+                ploop.detach(node.mount / "vol")

@@ -167,6 +167,31 @@ def test_attach_without_nbd_fails_typed_and_leaves_no_server(tmp_path, run_dir):
     assert ploop.detach(vol.directory) is False
 
 
+def test_an_image_open_elsewhere_is_refused_before_its_in_use_flag_is_read(tmp_path, run_dir,
+                                                                            caplog):
+    """qemu-io holds the image read-write, as node A's qemu-nbd does over a shared filesystem
+    (then this host finds no server of its own for it): the attach is refused at once by the
+    lock, rather than taking the in-use flag qemu set for an unclean stop and repairing an
+    image in use."""
+    vol = ploop.create_or_open(tmp_path / "v", 64 * MiB)
+    holder = subprocess.Popen(["qemu-io", "-f", "parallels", vol.image_path],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while image.read_header(vol.image_path).in_use != image.IN_USE:
+            assert time.monotonic() < deadline and holder.poll() is None, "qemu-io did not open it"
+            time.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="ploop"):
+            with pytest.raises(ImageBusy, match="open elsewhere") as caught:
+                ploop.attach(vol.directory, method="nbd")
+        assert caught.value.filename == vol.image_path
+        assert not any("repaired" in r.getMessage() for r in caplog.records)
+        assert not run_dir.exists() or not any(run_dir.iterdir())  # no server started
+    finally:
+        holder.communicate(b"quit\n", timeout=30)
+    assert image.check(vol.image_path).clean
+
+
 def test_snapshot_chains_do_not_attach_through_nbd(tmp_path):
     directory = tmp_path / "v"
     directory.mkdir()

@@ -27,7 +27,7 @@ from ploop import image
 from ploop.errors import ImageBusy
 from vm.lane import vm_only
 
-from helpers import blockdev_size, qemu_io_reads, run
+from helpers import blockdev_size, image_id, qemu_io_reads, run
 
 pytestmark = [pytest.mark.vm, vm_only]
 
@@ -46,7 +46,7 @@ def volumes(tmp_path):
 
     yield make
     for vol in made:
-        backend = ploop.volume.BACKEND_PREFIX + _image_id(vol.image_path)
+        backend = ploop.volume.BACKEND_PREFIX + image_id(vol.image_path)
         for device in nbd.find_by_backend(backend):
             subprocess.run(["umount", device.path], capture_output=True)
             nbd.disconnect(device.index)
@@ -58,14 +58,6 @@ def volumes(tmp_path):
             os.close(fd)
         if running is not None:
             server.stop(running)
-
-
-def _image_id(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return server.image_id(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_device(device: str, offset: int, data: bytes) -> None:
