@@ -288,13 +288,11 @@ def _open_backing(path_or_fd: str | os.PathLike | int, read_only: bool,
                 flags = flags & ~os.O_RDWR | os.O_RDONLY
             else:
                 raise LoopError(e.errno, f"cannot open backing file: {e.strerror}", path) from None
-    size = _ioctl.backing_size(fd)
-    if size < 0:
-        try:
-            size = _backing_size_or_why(fd, path)
-        except BaseException:
-            os.close(fd)
-            raise
+    try:
+        size = _backing_size(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
     return _Backing(fd, True, path, not flags & os.O_RDWR, size)
 
 
