@@ -82,9 +82,11 @@ loop_ffi.cdef(
     int fb_ioctl_int(int fd, unsigned long request, unsigned long arg);
     int fb_fcntl_lock(int fd, int cmd, struct flock *lock);
 
+    static const char *const FB_LOOP_CONTROL;
     enum {
-        FB_GET_FREE = ..., FB_OPEN = ..., FB_CONFIGURE = ..., FB_GET_STATUS = ...,
-        FB_GET_SIZE = ..., FB_GET_DISKSEQ = ..., FB_DONE = ...,
+        FB_OPEN_CONTROL = ..., FB_LOCK_CONTROL = ..., FB_GET_FREE = ..., FB_OPEN = ...,
+        FB_CONFIGURE = ..., FB_RELEASE_CONTROL = ..., FB_GET_STATUS = ..., FB_GET_SIZE = ...,
+        FB_GET_DISKSEQ = ..., FB_VERIFY = ..., FB_DONE = ...,
     };
     struct fb_attach {
         int control_fd;
@@ -92,22 +94,25 @@ loop_ffi.cdef(
         int node_flags;
         unsigned int part_shift;
         struct loop_config config;
+        uint64_t backing_size;
         int step;
-        int until;
         int number;
         int dev_fd;
         struct loop_info64 status;
         uint64_t size;
         uint64_t diskseq;
     };
-    void fb_attach_init(struct fb_attach *a, int control_fd, const char *node_prefix,
-                        int node_flags, unsigned int part_shift, int backing_fd,
+    int fb_attach_start(struct fb_attach *a, const char *node_prefix, int node_flags,
+                        unsigned int part_shift, int backing_fd, uint64_t backing_size,
                         unsigned int block_size, uint64_t offset, uint64_t sizelimit,
-                        unsigned int flags, const char *file_name, size_t file_name_len);
-    int fb_attach(struct fb_attach *a);
+                        unsigned int flags, const char *file_name, size_t file_name_len,
+                        int until);
+    int fb_attach(struct fb_attach *a, int until);
+    uint64_t fb_expected_size(uint64_t backing_size, uint64_t offset, uint64_t sizelimit);
+    int64_t fb_backing_size(int fd);
 
     enum { FB_WRITE_BACK = ..., FB_FSYNC = ..., FB_CLR_FD = ... };
-    int fb_detach(int fd, int durable, int *failed);
+    int fb_detach(int fd, int durable);
     """
 )
 
@@ -117,9 +122,10 @@ loop_ffi.set_source(
     #define _GNU_SOURCE
     #include <errno.h>
     #include <fcntl.h>
-    #include <stdio.h>
     #include <string.h>
+    #include <stdint.h>
     #include <unistd.h>
+    #include <sys/file.h>
     #include <sys/ioctl.h>
     #include <sys/stat.h>
     #include <sys/sysmacros.h>
@@ -145,16 +151,21 @@ loop_ffi.set_source(
         return r < 0 ? -errno : r;
     }
 
-    /* The hot path of loopctl.attach() in one call, from LOOP_CTL_GET_FREE to reading the new
-       binding back; loopctl/device.py keeps the policy (retries, fallbacks, verification).
+    /* The hot path of loopctl.attach() in one call, from opening /dev/loop-control to checking
+       the new binding; loopctl/device.py keeps the policy (retries, fallbacks, and the full
+       verification when the check here finds anything amiss).
 
-       Runs the steps from a->step up to, not including, a->until, and returns 0, or -errno
+       Runs the steps from a->step up to, not including, until, and returns 0, or -errno
        with a->step left at the step that failed, so that the caller can do that step its own
-       way and resume at the next. a->dev_fd is -1 before FB_OPEN and the open device after it,
-       also when a later step failed (the caller closes it). The last three steps alone read
+       way and resume at the next. a->control_fd is -1 before FB_OPEN_CONTROL and after
+       FB_RELEASE_CONTROL, and a->dev_fd is -1 before FB_OPEN; in between they are open, also
+       when a later step failed (the caller closes them). FB_GET_STATUS to FB_DONE alone read
        back any bound device. */
+    #define FB_LOOP_CONTROL_PATH "/dev/loop-control"
+    static const char *const FB_LOOP_CONTROL = FB_LOOP_CONTROL_PATH;
     enum {
-        FB_GET_FREE, FB_OPEN, FB_CONFIGURE, FB_GET_STATUS, FB_GET_SIZE, FB_GET_DISKSEQ, FB_DONE,
+        FB_OPEN_CONTROL, FB_LOCK_CONTROL, FB_GET_FREE, FB_OPEN, FB_CONFIGURE, FB_RELEASE_CONTROL,
+        FB_GET_STATUS, FB_GET_SIZE, FB_GET_DISKSEQ, FB_VERIFY, FB_DONE,
     };
     struct fb_attach {
         int control_fd;             /* /dev/loop-control */
@@ -162,8 +173,8 @@ loop_ffi.set_source(
         int node_flags;             /* open(2) flags for the node */
         unsigned int part_shift;    /* the device's minor is its number << part_shift */
         struct loop_config config;  /* for LOOP_CONFIGURE */
+        uint64_t backing_size;      /* for FB_VERIFY: the backing file's size when opened */
         int step;
-        int until;
         int number;                 /* out of FB_GET_FREE */
         int dev_fd;                 /* out of FB_OPEN */
         struct loop_info64 status;  /* out of FB_GET_STATUS */
@@ -171,14 +182,38 @@ loop_ffi.set_source(
         uint64_t diskseq;           /* out of FB_GET_DISKSEQ */
     };
 
-    /* A sequence to run from FB_GET_FREE: one call where Python would make a dozen stores. */
-    static void fb_attach_init(struct fb_attach *a, int control_fd, const char *node_prefix,
-                               int node_flags, unsigned int part_shift, int backing_fd,
+    /* The kernel's get_size(): what follows the offset, capped by sizelimit, in whole sectors. */
+    static uint64_t fb_expected_size(uint64_t backing_size, uint64_t offset, uint64_t sizelimit)
+    {
+        uint64_t available = backing_size > offset ? backing_size - offset : 0;
+        if (sizelimit > 0 && sizelimit < available)
+            available = sizelimit;
+        return available & ~(uint64_t)511;
+    }
+
+    /* The size of a regular file or block device, or -1 for anything else or a failed call:
+       the caller then asks again its own way and reports why. */
+    static int64_t fb_backing_size(int fd)
+    {
+        struct stat st;
+        uint64_t size;
+        if (fstat(fd, &st) < 0)
+            return -1;
+        if (S_ISREG(st.st_mode))
+            return st.st_size;
+        if (S_ISBLK(st.st_mode) && ioctl(fd, BLKGETSIZE64, &size) == 0 && size <= INT64_MAX)
+            return (int64_t)size;
+        return -1;
+    }
+
+    /* A sequence to run from FB_OPEN_CONTROL. */
+    static void fb_attach_init(struct fb_attach *a, const char *node_prefix, int node_flags,
+                               unsigned int part_shift, int backing_fd, uint64_t backing_size,
                                unsigned int block_size, uint64_t offset, uint64_t sizelimit,
                                unsigned int flags, const char *file_name, size_t file_name_len)
     {
         memset(a, 0, sizeof *a);
-        a->control_fd = control_fd;
+        a->control_fd = -1;
         strncpy(a->node_prefix, node_prefix, sizeof a->node_prefix - 1);
         a->node_flags = node_flags;
         a->part_shift = part_shift;
@@ -191,15 +226,25 @@ loop_ffi.set_source(
         if (file_name_len > LO_NAME_SIZE - 1)
             file_name_len = LO_NAME_SIZE - 1;
         memcpy(a->config.info.lo_file_name, file_name, file_name_len);
-        a->step = FB_GET_FREE;
+        a->backing_size = backing_size;
+        a->step = FB_OPEN_CONTROL;
         a->dev_fd = -1;
     }
 
     static int fb_open_node(struct fb_attach *a)
     {
-        char path[sizeof a->node_prefix + 12];
+        char path[sizeof a->node_prefix + 12], digits[12];
         struct stat st;
-        snprintf(path, sizeof path, "%s%d", a->node_prefix, a->number);
+        /* The prefix, then the number: snprintf's format parsing would cost more. */
+        size_t len = strlen(a->node_prefix), n = 0;
+        unsigned int number = (unsigned int)a->number;
+        do
+            digits[n++] = (char)('0' + number % 10);
+        while (number /= 10);
+        memcpy(path, a->node_prefix, len);
+        while (n)
+            path[len++] = digits[--n];
+        path[len] = 0;
         int fd = open(path, a->node_flags);
         if (fd < 0)
             return -errno;
@@ -214,10 +259,41 @@ loop_ffi.set_source(
         return 0;
     }
 
+    /* Did the kernel apply what was asked (systemd's loop_configure_verify)? -ERANGE if not:
+       the caller then looks again itself, mends what it can and says what is wrong. */
+    static int fb_verify(struct fb_attach *a)
+    {
+        const struct loop_info64 *asked = &a->config.info;
+        int sector;
+        if (a->status.lo_offset != asked->lo_offset ||
+            a->status.lo_sizelimit != asked->lo_sizelimit ||
+            /* Vanilla 5.8 ignored PARTSCAN in LOOP_CONFIGURE. */
+            (asked->lo_flags & LO_FLAGS_PARTSCAN && !(a->status.lo_flags & LO_FLAGS_PARTSCAN)) ||
+            a->size != fb_expected_size(a->backing_size, asked->lo_offset, asked->lo_sizelimit))
+            return -ERANGE;
+        if (a->config.block_size) {
+            if (ioctl(a->dev_fd, BLKSSZGET, &sector) < 0)
+                return -errno;
+            if ((unsigned int)sector != a->config.block_size)
+                return -ERANGE;
+        }
+        return 0;
+    }
+
     static int fb_attach_step(struct fb_attach *a)
     {
         int r;
         switch (a->step) {
+        case FB_OPEN_CONTROL:
+            r = open(FB_LOOP_CONTROL_PATH, O_RDWR | O_CLOEXEC);
+            if (r >= 0)
+                a->control_fd = r;
+            break;
+        case FB_LOCK_CONTROL:
+            /* Our own allocators queue here from LOOP_CTL_GET_FREE until their device is
+               bound (lock order: control, then device). */
+            r = flock(a->control_fd, LOCK_EX);
+            break;
         case FB_GET_FREE:
             r = ioctl(a->control_fd, LOOP_CTL_GET_FREE);
             if (r >= 0)
@@ -228,6 +304,12 @@ loop_ffi.set_source(
         case FB_CONFIGURE:
             r = ioctl(a->dev_fd, LOOP_CONFIGURE, &a->config);
             break;
+        case FB_RELEASE_CONTROL:
+            /* The device is bound: let the next allocator in. */
+            if (a->control_fd >= 0)
+                close(a->control_fd);
+            a->control_fd = -1;
+            return 0;
         case FB_GET_STATUS:
             r = ioctl(a->dev_fd, LOOP_GET_STATUS64, &a->status);
             break;
@@ -242,15 +324,17 @@ loop_ffi.set_source(
                 r = 0;
             }
             break;
+        case FB_VERIFY:
+            return fb_verify(a);
         default:
             return -EINVAL;
         }
         return r < 0 ? -errno : 0;
     }
 
-    static int fb_attach(struct fb_attach *a)
+    static int fb_attach(struct fb_attach *a, int until)
     {
-        for (; a->step < a->until; a->step++) {
+        for (; a->step < until; a->step++) {
             int r = fb_attach_step(a);
             if (r < 0)
                 return r;
@@ -258,24 +342,35 @@ loop_ffi.set_source(
         return 0;
     }
 
-    /* LoopDevice.detach(): write the device's cache back into the backing file (durable: and
-       make the file durable), then LOOP_CLR_FD. Returns 0, or -errno with *failed naming the
-       step. sync_file_range writes dirty pages back and waits for them without asking the
-       storage below for a cache flush, as fsync would. */
-    enum { FB_WRITE_BACK, FB_FSYNC, FB_CLR_FD };
+    /* fb_attach_init and fb_attach in one call, where Python would make a dozen stores. */
+    static int fb_attach_start(struct fb_attach *a, const char *node_prefix, int node_flags,
+                               unsigned int part_shift, int backing_fd, uint64_t backing_size,
+                               unsigned int block_size, uint64_t offset, uint64_t sizelimit,
+                               unsigned int flags, const char *file_name, size_t file_name_len,
+                               int until)
+    {
+        fb_attach_init(a, node_prefix, node_flags, part_shift, backing_fd, backing_size,
+                       block_size, offset, sizelimit, flags, file_name, file_name_len);
+        return fb_attach(a, until);
+    }
 
-    static int fb_detach(int fd, int durable, int *failed)
+    /* LoopDevice.detach(): write the device's cache back into the backing file (durable: and
+       make the file durable), then LOOP_CLR_FD, and close fd. Returns 0, or -(errno | step <<
+       16) naming the step that failed, fd still open. sync_file_range writes dirty pages back
+       and waits for them without asking the storage below for a cache flush, as fsync would.
+       */
+    /* Numbered after fb_attach's steps, so that one table names them all. */
+    enum { FB_WRITE_BACK = FB_DONE + 1, FB_FSYNC, FB_CLR_FD };
+
+    static int fb_detach(int fd, int durable)
     {
         unsigned int how = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                            SYNC_FILE_RANGE_WAIT_AFTER;
-        if (durable ? fsync(fd) < 0 : sync_file_range(fd, 0, 0, how) < 0) {
-            *failed = durable ? FB_FSYNC : FB_WRITE_BACK;
-            return -errno;
-        }
-        if (ioctl(fd, LOOP_CLR_FD, 0) < 0) {
-            *failed = FB_CLR_FD;
-            return -errno;
-        }
+        if (durable ? fsync(fd) < 0 : sync_file_range(fd, 0, 0, how) < 0)
+            return -(errno | (durable ? FB_FSYNC : FB_WRITE_BACK) << 16);
+        if (ioctl(fd, LOOP_CLR_FD, 0) < 0)
+            return -(errno | FB_CLR_FD << 16);
+        close(fd);
         return 0;
     }
     """,

@@ -1,16 +1,12 @@
 """The loop and block ioctls over the compiled binding: one thin function each, and the attach
 and detach sequences that run several of them in one call (fb_attach, fb_detach in build.py).
 
-Named tuples come from collections, not typing: the driver imports this module on every
-kubelet call, and typing alone costs it milliseconds.
-
 Failures raise the typed error for the kernel's errno; callers that must branch on a specific
 errno (retries, fallbacks) catch ``LoopError`` and read ``.errno``.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 
 from ._ffi import ffi, lib
@@ -26,11 +22,6 @@ class LoopFlags(enum.IntFlag):
     AUTOCLEAR = lib.LO_FLAGS_AUTOCLEAR
     PARTSCAN = lib.LO_FLAGS_PARTSCAN
     DIRECT_IO = lib.LO_FLAGS_DIRECT_IO
-
-
-# What LOOP_GET_STATUS64 reports for a bound device (read_back())
-Status = collections.namedtuple(
-    "Status", "backing_devno backing_inode offset sizelimit number flags file_name")
 
 
 def _call_ptr(fd: int, request: int, arg, path: str | None, what: str) -> int:
@@ -56,10 +47,14 @@ def _fill_info(info, offset: int, sizelimit: int, flags: int, file_name: bytes) 
 
 
 # The steps of the compiled attach sequence, in their order (fb_attach in build.py).
-GET_FREE, OPEN, CONFIGURE, GET_STATUS, DONE = (lib.FB_GET_FREE, lib.FB_OPEN, lib.FB_CONFIGURE,
-                                               lib.FB_GET_STATUS, lib.FB_DONE)
+(OPEN_CONTROL, LOCK_CONTROL, GET_FREE, OPEN, CONFIGURE, RELEASE_CONTROL, GET_STATUS, VERIFY,
+ DONE) = (lib.FB_OPEN_CONTROL, lib.FB_LOCK_CONTROL, lib.FB_GET_FREE, lib.FB_OPEN,
+          lib.FB_CONFIGURE, lib.FB_RELEASE_CONTROL, lib.FB_GET_STATUS, lib.FB_VERIFY, lib.FB_DONE)
+LOOP_CONTROL: str = ffi.string(lib.FB_LOOP_CONTROL).decode()
 # What each step of the sequences calls, for error messages.
 _STEP_NAMES = {
+    lib.FB_OPEN_CONTROL: "open",
+    lib.FB_LOCK_CONTROL: "flock",
     lib.FB_GET_FREE: "LOOP_CTL_GET_FREE",
     lib.FB_OPEN: "open",
     lib.FB_CONFIGURE: "LOOP_CONFIGURE",
@@ -72,27 +67,36 @@ _STEP_NAMES = {
 }
 
 
-def attach_sequence(control_fd: int, node_prefix: bytes, node_flags: int, part_shift: int,
-                    backing_fd: int, block_size: int, offset: int, sizelimit: int, flags: int,
-                    file_name: bytes):
-    """A sequence that takes a free device (LOOP_CTL_GET_FREE on *control_fd*), opens its node
-    (*node_prefix* and the number, with *node_flags*; its minor is the number << *part_shift*),
-    binds it (LOOP_CONFIGURE) and reads the binding back. run_steps() runs it."""
-    seq = ffi.new("struct fb_attach *")
-    lib.fb_attach_init(seq, control_fd, node_prefix, node_flags, part_shift, backing_fd,
-                       block_size, offset, sizelimit, flags, file_name, len(file_name))
-    return seq
+_SEQUENCE = ffi.typeof("struct fb_attach *")
+
+
+def attach_sequence(node_prefix: bytes, node_flags: int, part_shift: int, backing_fd: int,
+                    backing_size: int, block_size: int, offset: int, sizelimit: int, flags: int,
+                    file_name: bytes, until: int = DONE):
+    """A sequence that opens /dev/loop-control and queues on its flock, takes a free device
+    (LOOP_CTL_GET_FREE), opens its node (*node_prefix* and the number, with *node_flags*; its
+    minor is the number << *part_shift*), binds it (LOOP_CONFIGURE), lets go of the control
+    device, reads the binding back and checks it against what was asked and *backing_size*.
+
+    Returns the sequence, already run up to *until*, and what run_steps() would have answered.
+    The sequence is also the binding's state as read back: ``status`` (struct loop_info64),
+    ``size`` and ``diskseq``, as read_back() returns it."""
+    seq = ffi.new(_SEQUENCE)
+    return seq, -lib.fb_attach_start(seq, node_prefix, node_flags, part_shift, backing_fd,
+                                     backing_size, block_size, offset, sizelimit, flags,
+                                     file_name, len(file_name), until)
 
 
 def run_steps(seq, until: int = DONE) -> int:
     """Run *seq* from seq.step up to, not including, step *until*.
 
-    Returns 0, or the errno of the step that failed, which seq.step then names. The caller may
-    do that step its own way, set seq.step to the next one and run the rest. seq.number and
-    seq.dev_fd (-1 until OPEN) are the device; the device fd is the caller's to close.
+    Returns 0, or the errno of the step that failed, which seq.step then names (ERANGE from
+    VERIFY: the binding is not what was asked). The caller may do that step its own way, set
+    seq.step to the next one and run the rest. seq.number and seq.dev_fd (-1 until OPEN) are
+    the device, seq.control_fd (-1 but from OPEN_CONTROL to RELEASE_CONTROL) the control
+    device; both fds are the caller's to close.
     """
-    seq.until = until
-    return -lib.fb_attach(seq)
+    return -lib.fb_attach(seq, until)
 
 
 def step_error(step: int, err: int, path: str | None) -> LoopError:
@@ -100,24 +104,34 @@ def step_error(step: int, err: int, path: str | None) -> LoopError:
     return error_from_errno(err, path, _STEP_NAMES[step])
 
 
-def state(seq) -> tuple[Status, int, int]:
-    """What a sequence that ran to DONE read back, as read_back() returns it."""
-    info = seq.status
-    name = ffi.string(info.lo_file_name, LO_NAME_SIZE).decode("utf-8", "surrogateescape")
-    return (Status(info.lo_device, info.lo_inode, info.lo_offset, info.lo_sizelimit,
-                   info.lo_number, info.lo_flags, name), seq.size, seq.diskseq)
+def file_name(state) -> str:
+    """The lo_file_name a read-back state holds."""
+    return ffi.string(state.status.lo_file_name, LO_NAME_SIZE).decode("utf-8",
+                                                                      "surrogateescape")
 
 
-def read_back(fd: int, path: str) -> tuple[Status, int, int]:
-    """A bound device's status (LOOP_GET_STATUS64: NotBound if unbound), size in bytes
-    (BLKGETSIZE64) and diskseq (BLKGETDISKSEQ; 0 before 5.15): the sequence's last steps."""
-    seq = ffi.new("struct fb_attach *")
+def read_back(fd: int, path: str):
+    """A bound device's state: its ``status`` (LOOP_GET_STATUS64: NotBound if unbound),
+    ``size`` in bytes (BLKGETSIZE64) and ``diskseq`` (BLKGETDISKSEQ; 0 before 5.15), read by
+    the sequence's last steps."""
+    seq = ffi.new(_SEQUENCE)
     seq.dev_fd = fd
     seq.step = GET_STATUS
-    err = run_steps(seq)
+    err = run_steps(seq, VERIFY)
     if err:
         raise step_error(seq.step, err, path)
-    return state(seq)
+    return seq
+
+
+def expected_size(backing_size: int, offset: int, sizelimit: int) -> int:
+    """The size the kernel gives a binding of a file of *backing_size* bytes (get_size())."""
+    return lib.fb_expected_size(backing_size, offset, sizelimit)
+
+
+# backing_size(fd): the size of the regular file or block device *fd*, or -1 if it is neither
+# or a call failed (the caller finds out which). The C function itself: a wrapper would cost
+# as much as the call.
+backing_size = lib.fb_backing_size
 
 
 def set_fd(fd: int, backing_fd: int, path: str) -> None:
@@ -168,13 +182,13 @@ def flush_buffers(fd: int, path: str) -> None:
     _call_int(fd, lib.BLKFLSBUF, 0, path, "BLKFLSBUF")
 
 
-def write_back_and_clear(fd: int, path: str, *, durable: bool) -> None:
-    """Write the device's dirty cache into the backing file, then LOOP_CLR_FD.
+def write_back_clear_and_close(fd: int, path: str, *, durable: bool) -> None:
+    """Write the device's dirty cache into the backing file, LOOP_CLR_FD, and close *fd*
+    (left open if a step failed).
 
     Write-back is sync_file_range(2) over the whole device, which asks the storage below for
     no cache flush; *durable* makes it fsync(2), which the loop driver passes on to the file.
     """
-    failed = ffi.new("int *")
-    r = lib.fb_detach(fd, durable, failed)
-    if r < 0:
-        raise step_error(failed[0], -r, path)
+    r = lib.fb_detach(fd, durable)
+    if r:
+        raise step_error(-r >> 16, -r & 0xFFFF, path)

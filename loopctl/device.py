@@ -17,13 +17,14 @@ import stat
 import time
 
 from . import _devnode, _ioctl, _ofdlock, _sysfs
-from ._ioctl import LO_NAME_SIZE, LoopFlags
+from ._ioctl import LO_NAME_SIZE, LOOP_CONTROL, LoopFlags
 from .errors import (CONFIGURE_UNSUPPORTED, LOST_RACE, READ_ONLY_BACKING, DeviceBusy,
                      ImageBusy, InvalidArgument, LoopError, NoFreeDevice, NotALoopDevice,
                      NotBound, NotSupported, SizeMismatch)
 
-LOOP_CONTROL = "/dev/loop-control"
 _NODE_PREFIX = _devnode.NODE_PREFIX.encode()
+# open(2) flags for a device node, read-only and read-write: indexed by writable.
+_NODE_FLAGS = (_devnode.open_flags(False), _devnode.open_flags(True))
 # Both util-linux and systemd give up after 64 lost races; systemd's jitter grows to 250 ms.
 MAX_ATTACH_TRIES = 64
 BACKOFF_BASE = 0.010
@@ -59,14 +60,16 @@ class LoopDevice:
     relinquish() was called; any other handle only lets go of its fd.
     """
 
-    def __init__(self, number: int, fd: int, *, owned: bool,
-                 state: tuple[_ioctl.Status, int, int] | None = None):
-        # The binding's (status, size, diskseq) as attach() just verified them, or read through
-        # *fd*; the handle keeps *fd* only when it owns it.
+    __slots__ = ("number", "path", "_owned", "_state", "_block_size", "_fd")
+
+    def __init__(self, number: int, fd: int, *, owned: bool, state=None):
+        # The binding's state (as _ioctl.read_back returns it) as attach() just verified it, or
+        # read through *fd*; the handle keeps *fd* only when it owns it. Its fields are read
+        # from that state when asked for: attach has no need of them.
         self.number = number
-        self.path = _devnode.node_path(number)
+        self.path = f"{_devnode.NODE_PREFIX}{number}"  # _devnode.node_path, without the call
         self._owned = owned
-        self._status, self.size, self.diskseq = state or _ioctl.read_back(fd, self.path)
+        self._state = _ioctl.read_back(fd, self.path) if state is None else state
         self._block_size: int | None = None
         self._fd = fd if owned else -1
 
@@ -87,15 +90,17 @@ class LoopDevice:
                 f"ro={self.read_only} owned={self._owned}>")
 
     # -- state as the kernel reported it (refreshed by info() and resize()) --------------------
-    backing_devno = property(lambda self: self._status.backing_devno)
-    backing_inode = property(lambda self: self._status.backing_inode)
-    offset = property(lambda self: self._status.offset)
-    sizelimit = property(lambda self: self._status.sizelimit)
-    ref = property(lambda self: self._status.file_name)
-    read_only = property(lambda self: bool(self._status.flags & _READ_ONLY))
-    autoclear = property(lambda self: bool(self._status.flags & _AUTOCLEAR))
-    partscan = property(lambda self: bool(self._status.flags & _PARTSCAN))
-    direct_io = property(lambda self: bool(self._status.flags & _DIRECT_IO))
+    size = property(lambda self: self._state.size)
+    diskseq = property(lambda self: self._state.diskseq)
+    backing_devno = property(lambda self: self._state.status.lo_device)
+    backing_inode = property(lambda self: self._state.status.lo_inode)
+    offset = property(lambda self: self._state.status.lo_offset)
+    sizelimit = property(lambda self: self._state.status.lo_sizelimit)
+    ref = property(lambda self: _ioctl.file_name(self._state))
+    read_only = property(lambda self: bool(self._state.status.lo_flags & _READ_ONLY))
+    autoclear = property(lambda self: bool(self._state.status.lo_flags & _AUTOCLEAR))
+    partscan = property(lambda self: bool(self._state.status.lo_flags & _PARTSCAN))
+    direct_io = property(lambda self: bool(self._state.status.lo_flags & _DIRECT_IO))
 
     @property
     def backing_file(self) -> str | None:
@@ -114,7 +119,7 @@ class LoopDevice:
         return self._block_size
 
     def _read_state(self, fd: int) -> None:
-        self._status, self.size, _ = _ioctl.read_back(fd, self.path)
+        self._state = _ioctl.read_back(fd, self.path)
         self._block_size = _ioctl.logical_block_size(fd, self.path)
 
     # -- acting on the device ---------------------------------------------------------------
@@ -134,8 +139,8 @@ class LoopDevice:
                 raise NotBound(errno.ENXIO, "device is gone", self.path) from None
             raise
         try:
-            status, _, seq = _ioctl.read_back(fd, self.path)
-            if (seq, status.backing_devno, status.backing_inode) != (
+            state = _ioctl.read_back(fd, self.path)
+            if (state.diskseq, state.status.lo_device, state.status.lo_inode) != (
                     self.diskseq, self.backing_devno, self.backing_inode):
                 raise NotBound(errno.ENXIO, "device was detached and bound again since", self.path)
         except BaseException:
@@ -184,13 +189,15 @@ class LoopDevice:
         also makes the backing file durable (fsync, which the loop driver passes on to it);
         unmounting a filesystem, and releasing the image lock on NFS, do that anyway.
         """
-        fd = self._open_checked()
+        fd = self._fd if self._fd >= 0 else self._open_checked()
         try:
-            _ioctl.write_back_and_clear(fd, self.path, durable=sync)
-        finally:
+            _ioctl.write_back_clear_and_close(fd, self.path, durable=sync)
+        except BaseException:
             self._release(fd)
+            raise
+        # Ours or opened for this, the fd is closed now; the handle holds nothing any more.
         self._owned = False
-        self.close()
+        self._fd = -1
         if wait:
             self._wait_unbound(timeout)
 
@@ -217,7 +224,7 @@ class LoopDevice:
     def __enter__(self) -> LoopDevice:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         if not self._owned:
             self.close()
             return
@@ -230,6 +237,8 @@ class LoopDevice:
 # -- attach ---------------------------------------------------------------------------------
 # ours: we opened fd, so we close it
 _Backing = collections.namedtuple("_Backing", "fd ours path read_only size")
+# open(2) flags for a backing file, read-write and read-only: indexed by read_only.
+_BACKING_FLAGS = (os.O_CLOEXEC | os.O_RDWR, os.O_CLOEXEC | os.O_RDONLY)
 
 
 def _check_range(name: str, value: int, path: str) -> None:
@@ -238,7 +247,14 @@ def _check_range(name: str, value: int, path: str) -> None:
                               f"not {value!r}", path)
 
 
-def _backing_size(fd: int, st: os.stat_result, path: str) -> int:
+def _backing_size(fd: int, path: str) -> int:
+    size = _ioctl.backing_size(fd)
+    return size if size >= 0 else _backing_size_or_why(fd, path)
+
+
+def _backing_size_or_why(fd: int, path: str) -> int:
+    """The backing size, asked again where _ioctl.backing_size could not tell, or why not."""
+    st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
         return st.st_size
     if stat.S_ISBLK(st.st_mode):
@@ -252,10 +268,13 @@ def _open_backing(path_or_fd: str | os.PathLike | int, read_only: bool,
         fd = path_or_fd
         path = os.readlink(f"/proc/self/fd/{fd}")
         mode_ro = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-        return _Backing(fd, False, path, read_only or mode_ro,
-                        _backing_size(fd, os.fstat(fd), path))
-    path = os.path.abspath(os.fspath(path_or_fd))
-    flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        return _Backing(fd, False, path, read_only or mode_ro, _backing_size(fd, path))
+    path = os.fspath(path_or_fd)
+    # os.path.abspath costs about as much as the rest of _open_backing: skipped for the
+    # absolute paths it would return unchanged (no empty, "." or ".." component).
+    if not (path[:1] == "/" and path[-1] != "/" and "//" not in path and "/." not in path):
+        path = os.path.abspath(path)
+    flags = _BACKING_FLAGS[read_only]
     if direct_io:
         flags |= os.O_DIRECT
     while True:
@@ -270,7 +289,7 @@ def _open_backing(path_or_fd: str | os.PathLike | int, read_only: bool,
             else:
                 raise LoopError(e.errno, f"cannot open backing file: {e.strerror}", path) from None
     try:
-        size = _backing_size(fd, os.fstat(fd), path)
+        size = _backing_size(fd, path)
     except BaseException:
         os.close(fd)
         raise
@@ -313,14 +332,6 @@ def unlock_image(fd: int) -> None:
                         os.readlink(f"/proc/self/fd/{fd}")) from None
 
 
-def _expected_size(backing_size: int, offset: int, sizelimit: int) -> int:
-    # The kernel's get_size(): what follows the offset, capped by sizelimit, in whole sectors.
-    available = max(backing_size - offset, 0)
-    if 0 < sizelimit < available:
-        available = sizelimit
-    return available & ~511
-
-
 def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: int = 0,
            block_size: int | None = None, read_only: bool = False,
            read_only_fallback: bool = False, autoclear: bool = False, partscan: bool = False,
@@ -335,15 +346,18 @@ def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: i
     lock: take an OFD lock on the backing file (exclusive read-write, shared read-only) that
       lives exactly as long as the binding; raises ImageBusy if another attach holds one.
     """
-    display = str(path_or_fd)
-    _check_range("offset", offset, display)
-    _check_range("sizelimit", sizelimit, display)
+    # Either negative or 2^63 or more leaves bits at 63 and up; the full check says which,
+    # and lets bools through as ints.
+    if type(offset) is not int or type(sizelimit) is not int or (offset | sizelimit) >> 63:
+        _check_range("offset", offset, str(path_or_fd))
+        _check_range("sizelimit", sizelimit, str(path_or_fd))
     if block_size is not None and (block_size < 512 or block_size > os.sysconf("SC_PAGESIZE")
                                    or block_size & (block_size - 1)):
         raise InvalidArgument(errno.EINVAL, "block size must be a power of two from 512 to the "
-                              f"page size, not {block_size!r}", display)
+                              f"page size, not {block_size!r}", str(path_or_fd))
     if ref is not None and len(ref.encode()) >= LO_NAME_SIZE:
-        raise InvalidArgument(errno.EINVAL, f"ref must be under {LO_NAME_SIZE} bytes", display)
+        raise InvalidArgument(errno.EINVAL, f"ref must be under {LO_NAME_SIZE} bytes",
+                              str(path_or_fd))
 
     backing = _open_backing(path_or_fd, read_only, read_only_fallback, direct_io)
     try:
@@ -355,10 +369,13 @@ def attach(path_or_fd: str | os.PathLike | int, *, offset: int = 0, sizelimit: i
         flags = ((_READ_ONLY if backing.read_only else 0) | (_AUTOCLEAR if autoclear else 0)
                  | (_PARTSCAN if partscan else 0) | (_DIRECT_IO if direct_io else 0))
         file_name = (ref or backing.path).encode("utf-8", "surrogateescape")
-        seq = _allocate_and_bind(backing, block_size or 0, offset, sizelimit, flags, file_name)
+        seq, checked = _allocate_and_bind(backing, block_size or 0, offset, sizelimit, flags,
+                                          file_name)
         number, dev_fd = seq.number, seq.dev_fd
         try:
-            state = _verify(seq, backing, block_size, offset, sizelimit, partscan, file_name)
+            # Unless the sequence checked the binding itself, look at it here.
+            state = seq if checked else _verify(seq, backing, block_size, offset, sizelimit,
+                                                partscan, file_name)
             return LoopDevice(number, dev_fd, owned=True, state=state)
         except BaseException:
             # We bound it ourselves just now, so clearing cannot hit another process's binding.
@@ -375,13 +392,13 @@ def _jitter(limit: float) -> float:
     return limit * int.from_bytes(os.urandom(2), "little") / 65536
 
 
-def _open_control() -> int:
-    try:
-        return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotSupported(errno.ENOENT, "no loop support in this kernel", LOOP_CONTROL) from None
-    except OSError as e:
-        raise LoopError(e.errno, f"cannot open: {e.strerror}", LOOP_CONTROL) from None
+def _control_error(step: int, err: int) -> LoopError:
+    """The typed error for a failed step on /dev/loop-control."""
+    if step == _ioctl.OPEN_CONTROL:
+        if err == errno.ENOENT:
+            return NotSupported(err, "no loop support in this kernel", LOOP_CONTROL)
+        return LoopError(err, f"cannot open: {os.strerror(err)}", LOOP_CONTROL)
+    return _ioctl.step_error(step, err, LOOP_CONTROL)
 
 
 def _allocate_and_bind(backing: _Backing, block_size: int, offset: int, sizelimit: int,
@@ -389,54 +406,62 @@ def _allocate_and_bind(backing: _Backing, block_size: int, offset: int, sizelimi
     """Take a free device and bind it; retry lost races with a fresh one.
 
     The compiled sequence (_ioctl.attach_sequence) takes the device, opens and binds it with
-    LOOP_CONFIGURE and reads the binding back in one call; what it cannot do (wait for a late
-    node, the pre-5.8 fallback) is done here. Returns the sequence: its number, its dev_fd (ours
-    now) and, if it got that far, what it read back.
+    LOOP_CONFIGURE, reads the binding back and checks it in one call; what it cannot do (wait
+    for a late node, the pre-5.8 fallback) is done here. Returns the sequence (its number, its
+    dev_fd, ours now, and what it read back if it got that far) and whether it found the binding
+    to be what was asked.
 
     Our own allocators queue on an exclusive flock of /dev/loop-control (lock order: control,
     then device), so races are only with tools that do not take it, such as losetup.
     """
-    ctl = _open_control()
+    until = _ioctl.CONFIGURE if _configure_unsupported else _ioctl.DONE
+    seq, err = _ioctl.attach_sequence(_NODE_PREFIX, _NODE_FLAGS[not backing.read_only],
+                                      _sysfs.part_shift(), backing.fd, backing.size, block_size,
+                                      offset, sizelimit, flags, file_name, until)
+    if not err and until == _ioctl.DONE:
+        return seq, True  # bound, read back and checked; the control device is closed
     try:
-        seq = _ioctl.attach_sequence(ctl, _NODE_PREFIX, _devnode.open_flags(not backing.read_only),
-                                     _sysfs.part_shift(), backing.fd, block_size, offset,
-                                     sizelimit, flags, file_name)
         for attempt in range(MAX_ATTACH_TRIES):
-            fcntl.flock(ctl, fcntl.LOCK_EX)
+            if attempt:
+                # Never LOOP_CLR_FD after a lost race: EBUSY means the device is someone else's
+                # binding now.
+                fcntl.flock(seq.control_fd, fcntl.LOCK_UN)
+                time.sleep(_jitter(min(BACKOFF_CAP, BACKOFF_BASE * attempt)))
+                seq.step = _ioctl.LOCK_CONTROL
+                err = _ioctl.run_steps(seq, until)
             try:
-                _bind_free(seq, backing, block_size, offset, sizelimit, flags, file_name)
-                return seq
+                _bind_free(seq, err, until, backing, block_size, offset, sizelimit, flags,
+                           file_name)
+                return seq, seq.step == _ioctl.DONE
             except BaseException as e:
                 if seq.dev_fd >= 0:
                     os.close(seq.dev_fd)
-                # A LOOP_CTL_GET_FREE that failed lost no race: its errno is the answer.
+                    seq.dev_fd = -1
+                # A failure on the control device lost no race: its errno is the answer.
                 if not isinstance(e, LoopError) or e.errno not in LOST_RACE or (
-                        seq.step == _ioctl.GET_FREE):
+                        seq.step <= _ioctl.GET_FREE):
                     raise
-            # Never LOOP_CLR_FD here: EBUSY means the device is someone else's binding now.
-            seq.step, seq.dev_fd = _ioctl.GET_FREE, -1
-            fcntl.flock(ctl, fcntl.LOCK_UN)
-            time.sleep(_jitter(min(BACKOFF_CAP, BACKOFF_BASE * (attempt + 1))))
         raise NoFreeDevice(errno.EBUSY, f"lost the race for a free device {MAX_ATTACH_TRIES} "
                            "times", backing.path)
     finally:
-        os.close(ctl)
+        if seq.control_fd >= 0:
+            os.close(seq.control_fd)
 
 
-def _bind_free(seq, backing: _Backing, block_size: int, offset: int, sizelimit: int,
-               flags: int, file_name: bytes) -> None:
-    """One try: the compiled sequence, and here the steps it hands back (seq.step says which).
+def _bind_free(seq, err: int, until: int, backing: _Backing, block_size: int, offset: int,
+               sizelimit: int, flags: int, file_name: bytes) -> None:
+    """Finish one try of the compiled sequence, which was run up to *until* and returned *err*:
+    do the step it handed back (seq.step says which) and resume it.
 
     A node it could not open or found to be another device goes to open_node, which waits
     for a node not there yet or names what is wrong. Without LOOP_CONFIGURE (or once it is
     known to be missing, when the sequence stops before it) the device is bound the pre-5.8
-    way. A failed read-back is left to _verify, which reads again and reports it.
+    way, and the sequence resumed after it. What the sequence could not read back, or found
+    to differ from what was asked, is left to _verify, which looks again and reports it.
     """
     global _configure_unsupported
-    until = _ioctl.CONFIGURE if _configure_unsupported else _ioctl.DONE
-    err = _ioctl.run_steps(seq, until)
-    if seq.step == _ioctl.GET_FREE:
-        raise _ioctl.step_error(seq.step, err, LOOP_CONTROL)
+    if err and seq.step <= _ioctl.GET_FREE:
+        raise _control_error(seq.step, err)
     if seq.step == _ioctl.OPEN:
         # No node yet, not accessible yet, or a node of another device: open_node waits for
         # the node or says what is wrong with it.
@@ -462,6 +487,8 @@ def _bind_free(seq, backing: _Backing, block_size: int, offset: int, sizelimit: 
     finally:
         fcntl.flock(dev_fd, fcntl.LOCK_UN)
     _configure_unsupported = True
+    seq.step = _ioctl.RELEASE_CONTROL
+    _ioctl.run_steps(seq)
 
 
 def _configure_fallback(dev_fd: int, block_size: int, offset: int, sizelimit: int, flags: int,
@@ -488,37 +515,38 @@ def _configure_fallback(dev_fd: int, block_size: int, offset: int, sizelimit: in
 
 
 def _verify(seq, backing: _Backing, block_size: int | None, offset: int, sizelimit: int,
-            partscan: bool, file_name: bytes) -> tuple[_ioctl.Status, int, int]:
-    """Check the kernel applied what we asked (systemd's loop_configure_verify); returns the
-    device's status, size and diskseq."""
+            partscan: bool, file_name: bytes):
+    """Check the kernel applied what we asked (systemd's loop_configure_verify), where the
+    sequence found it did not or could not tell; mend what can be mended, raise for the rest.
+    Returns the binding's state."""
     dev_fd = seq.dev_fd
     path = _devnode.node_path(seq.number)
-    # Unless the sequence read the binding back, read it now: after the fallback, or to
-    # report what failed.
-    status, size, diskseq = (_ioctl.state(seq) if seq.step == _ioctl.DONE
-                             else _ioctl.read_back(dev_fd, path))
-    if (status.offset, status.sizelimit) != (offset, sizelimit):
-        raise SizeMismatch(errno.ERANGE, f"kernel set offset {status.offset} and sizelimit "
-                           f"{status.sizelimit}, not {offset} and {sizelimit}", path)
+    # Unless the sequence read the binding back, read it now, to report what failed.
+    state = seq if seq.step == _ioctl.VERIFY else _ioctl.read_back(dev_fd, path)
+    status = state.status
+    if (status.lo_offset, status.lo_sizelimit) != (offset, sizelimit):
+        raise SizeMismatch(errno.ERANGE, f"kernel set offset {status.lo_offset} and sizelimit "
+                           f"{status.lo_sizelimit}, not {offset} and {sizelimit}", path)
     if block_size and _ioctl.logical_block_size(dev_fd, path) != block_size:
         raise SizeMismatch(errno.ERANGE, f"kernel did not apply block size {block_size}", path)
-    if partscan and not status.flags & _PARTSCAN:
+    if partscan and not status.lo_flags & _PARTSCAN:
         # Vanilla 5.8 ignored PARTSCAN in LOOP_CONFIGURE; LOOP_SET_STATUS64 can still set it.
         _ioctl.set_status(dev_fd, offset=offset, sizelimit=sizelimit,
-                          flags=status.flags | _PARTSCAN, file_name=file_name, path=path)
-        status = _ioctl.read_back(dev_fd, path)[0]
-    expected = _expected_size(backing.size, offset, sizelimit)
-    if size != expected:
+                          flags=status.lo_flags | _PARTSCAN, file_name=file_name, path=path)
+        state = _ioctl.read_back(dev_fd, path)
+    expected = _ioctl.expected_size(backing.size, offset, sizelimit)
+    if state.size != expected:
         # The file may have changed size since we opened it; otherwise the kernel ignored the
         # sizelimit (vanilla 5.8) or did not size the device (before 3.9): recompute, poke it.
-        expected = _expected_size(_backing_size(backing.fd, os.fstat(backing.fd), backing.path),
-                                  offset, sizelimit)
-        if size != expected:
+        expected = _ioctl.expected_size(_backing_size(backing.fd, backing.path), offset,
+                                        sizelimit)
+        if state.size != expected:
             _ioctl.set_capacity(dev_fd, path)
-            size = _ioctl.size_bytes(dev_fd, path)
-    if size != expected:
-        raise SizeMismatch(errno.ERANGE, f"device has {size} bytes, expected {expected}", path)
-    return status, size, diskseq
+            state.size = _ioctl.size_bytes(dev_fd, path)
+    if state.size != expected:
+        raise SizeMismatch(errno.ERANGE, f"device has {state.size} bytes, expected {expected}",
+                           path)
+    return state
 
 
 # -- discovery ------------------------------------------------------------------------------

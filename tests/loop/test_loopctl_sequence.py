@@ -23,17 +23,22 @@ REF = b"sequence-test"
 
 def sequence_at_open(spare, backing_fd: int):
     """A sequence that binds *spare* read-write to *backing_fd*, starting at the open step."""
-    seq = _ioctl.attach_sequence(-1, device._NODE_PREFIX, _devnode.open_flags(True),
-                                 _sysfs.part_shift(), backing_fd, 0, 0, 0, 0, REF)
+    seq, err = _ioctl.attach_sequence(device._NODE_PREFIX, _devnode.open_flags(True),
+                                      _sysfs.part_shift(), backing_fd,
+                                      os.fstat(backing_fd).st_size, 0, 0, 0, 0, REF,
+                                      until=_ioctl.OPEN_CONTROL)
+    assert (err, seq.control_fd, seq.dev_fd) == (0, -1, -1)  # nothing run yet
     seq.number, seq.step = spare.number, _ioctl.OPEN
     return seq
 
 
 def unbind(seq) -> None:
     try:
-        _ioctl.write_back_and_clear(seq.dev_fd, _devnode.node_path(seq.number), durable=False)
-    finally:
+        _ioctl.write_back_clear_and_close(seq.dev_fd, _devnode.node_path(seq.number),
+                                          durable=False)
+    except BaseException:
         os.close(seq.dev_fd)
+        raise
 
 
 def replace_node_with_dev_null(spare) -> None:
@@ -48,14 +53,13 @@ def test_the_sequence_binds_and_reads_the_binding_back(spare_loop, image):
         assert _ioctl.run_steps(seq) == 0
         try:
             assert seq.step == _ioctl.DONE
-            status, size, diskseq = _ioctl.state(seq)
             raw = kernel_status(spare_loop.path)
-            assert (status.backing_devno, status.backing_inode, status.file_name) == (
+            assert (seq.status.lo_device, seq.status.lo_inode, _ioctl.file_name(seq)) == (
                 raw["backing_devno"], raw["backing_inode"], raw["file_name"])
-            assert (status.backing_inode, status.file_name) == (os.stat(img).st_ino,
-                                                                REF.decode())
-            assert size == 16 * MiB
-            assert diskseq == int(sysfs_attr(spare_loop.number, "diskseq"))
+            assert (seq.status.lo_inode, _ioctl.file_name(seq)) == (os.stat(img).st_ino,
+                                                                    REF.decode())
+            assert seq.size == 16 * MiB
+            assert seq.diskseq == int(sysfs_attr(spare_loop.number, "diskseq"))
         finally:
             unbind(seq)
 
@@ -74,8 +78,9 @@ def test_a_node_of_another_device_is_refused_by_name(spare_loop, image):
     backing = device._open_backing(image(), False, False, False)
     try:
         seq = sequence_at_open(spare_loop, backing.fd)
+        err = _ioctl.run_steps(seq)
         with pytest.raises(loopctl.NotALoopDevice) as excinfo:
-            device._bind_free(seq, backing, 0, 0, 0, 0, REF)
+            device._bind_free(seq, err, _ioctl.DONE, backing, 0, 0, 0, 0, REF)
     finally:
         os.close(backing.fd)
     assert (excinfo.value.errno, excinfo.value.filename) == (errno.ENODEV, spare_loop.path)
@@ -96,10 +101,11 @@ def test_a_late_node_is_waited_for_and_the_sequence_resumed(spare_loop, image, u
     late.start()
     try:
         seq = sequence_at_open(spare_loop, backing.fd)
-        device._bind_free(seq, backing, 0, 0, 0, 0, REF)
+        err = _ioctl.run_steps(seq)
+        device._bind_free(seq, err, _ioctl.DONE, backing, 0, 0, 0, 0, REF)
         try:
             assert seq.step == _ioctl.DONE
-            assert _ioctl.state(seq)[0].backing_inode == os.stat(img).st_ino
+            assert seq.status.lo_inode == os.stat(img).st_ino
             assert kernel_status(spare_loop.path)["file_name"] == REF.decode()
         finally:
             unbind(seq)
