@@ -16,7 +16,7 @@ import pytest
 import ploop
 
 from kubelet import MiB, Pod, checksum, findmnt, kubelet, run, share, write_data  # noqa: F401
-from test_vm_qemu_nbd import _nbd_mounts
+from nbd_volumes import nbd_mounts
 from vm.lane import vm_only
 
 pytestmark = [pytest.mark.vm, vm_only]
@@ -41,7 +41,7 @@ def assert_nothing_left(share) -> None:
 def ploop_kubelet(kubelet, share):
     kubelet.install(DRIVER, ALIAS)
     yield kubelet
-    for target in sorted((m["target"] for m in _nbd_mounts()), key=len, reverse=True):
+    for target in sorted((m["target"] for m in nbd_mounts()), key=len, reverse=True):
         if target.startswith(str(share.parent)):
             subprocess.run(["umount", target], capture_output=True)
     for directory in _volumes(share):
