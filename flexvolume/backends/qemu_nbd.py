@@ -29,6 +29,7 @@ import loopctl
 import nbd
 from nbd import server
 
+from .. import _faultpoint
 from ..errors import DriverError
 from ..mounts import MountEntry, mounts_of
 
@@ -136,6 +137,7 @@ def _tear_down(ident: str, indexes) -> None:
     for index in indexes:
         nbd.disconnect(index)
         nbd.wait_disconnected(index)
+    _faultpoint.reached("disconnect")
     running = server.find_by_id(ident)
     if running is not None:
         server.stop(running)
@@ -160,6 +162,7 @@ def attach(image_fd: int, *, read_only: bool, lock: bool, image_format: str = "r
             running = server.start(image_fd, fmt=image_format, read_only=read_only)
         except nbd.NbdError as e:
             raise DriverError(f"serving {path}: {e.strerror}") from None
+        _faultpoint.reached("serve")
         try:
             device, _ = nbd.attach(running.socket_path, backend=BACKEND_PREFIX + ident)
         except BaseException:
