@@ -133,14 +133,13 @@ def _is_mounted(index: int) -> bool:
 
 
 def _tear_down(ident: str, indexes) -> None:
-    """Disconnect *indexes* and stop the server of image *ident*, if running."""
+    """Disconnect *indexes*, stop the server of image *ident*, if running, and remove its
+    files. Called under the image's claim."""
     for index in indexes:
         nbd.disconnect(index)
         nbd.wait_disconnected(index)
     _faultpoint.reached("disconnect")
-    running = server.find_by_id(ident)
-    if running is not None:
-        server.stop(running)
+    server.stop_by_id(ident)
 
 
 def attach(image_fd: int, *, read_only: bool, lock: bool, image_format: str = "raw",
@@ -192,10 +191,11 @@ def device_for(mount: MountEntry) -> NbdVolume | None:
 
 def collect() -> None:
     """Tear down what killed calls left behind on this host: devices of ours that nothing
-    mounts and servers without a device, skipping images a running call has claimed."""
+    mounts, servers without a device and the files of dead servers, skipping images a running
+    call has claimed."""
     devices = _devices_of()
-    idents = set(devices.values()) | {s.image_id for s in server.list_servers()
-                                      if os.path.exists(os.path.join(CLAIM_DIR, s.image_id))}
+    idents = set(devices.values()) | {ident for ident in server.list_ids()
+                                      if os.path.exists(os.path.join(CLAIM_DIR, ident))}
     for ident in idents:
         indexes = [i for i, owner in devices.items() if owner == ident]
         if any(_is_mounted(i) for i in indexes):
