@@ -48,11 +48,12 @@ def connected() -> set[int]:
 
 @pytest.fixture
 def node(nbd_kubelet, share):
-    """The NBD devices and qemu-nbd processes of the VM before the test: the same are there
-    after it (the lane runs one test at a time, so what is new is the test's)."""
-    before = connected(), qemu_nbd_pids()
+    """No NBD device connected and no qemu-nbd running after the test that were not before it
+    (the lane runs one test at a time, so what is new is the test's)."""
+    devices, pids = connected(), qemu_nbd_pids()
     yield
-    assert (connected(), qemu_nbd_pids()) == before, "an NBD device or a qemu-nbd is left"
+    assert connected() - devices == set(), "an NBD device is left connected"
+    assert qemu_nbd_pids() - pids == set(), "a qemu-nbd is left running"
 
 
 _templates: dict[str, tuple[str, str]] = {}
