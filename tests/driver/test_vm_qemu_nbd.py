@@ -126,12 +126,16 @@ def test_leftovers_of_a_killed_call_are_recovered(nbd_kubelet, share):
     assert_nothing_left(share)
 
 
-def test_expandfs_is_refused_with_the_way_to_grow(nbd_kubelet, share):
+@pytest.mark.parametrize("image_format", ["raw", "qcow2"])
+def test_expandfs_is_refused_with_the_way_to_grow(nbd_kubelet, share, image_format):
     assert nbd_kubelet.init(DRIVER).body["capabilities"]["requiresFSResize"] is False
-    pod, user = Pod("web"), new_volume(share)
+    pod, user = Pod("web"), new_volume(share, format=image_format)
     reply = nbd_kubelet.mount(pod, user, driver=DRIVER)
+    size = image_path(share).stat().st_size
     refused = nbd_kubelet.expandfs(reply.target, user, 64 * MiB, 30 * MiB, driver=DRIVER)
     assert refused.status == "Failure" and "qemu-img resize" in refused.message
+    # A refused call changes nothing: the image keeps its size (and, raw, its volume's).
+    assert image_path(share).stat().st_size == size
     assert nbd_kubelet.unmount(pod, driver=DRIVER).status == "Success"
     assert_nothing_left(share)
 
