@@ -40,6 +40,11 @@ LOCK_OFFSET = 1 << 62
 CLAIM_DIR = "/run/flexblock/volumes"
 # A concurrent call for the same image may be formatting a large volume: wait for it this long.
 CLAIM_TIMEOUT = 90.0
+# expandfs answers this (volume.expandfs) before it touches the image. The kernel takes an NBD
+# device's size only at connect (netlink RECONFIGURE and the ioctls cannot change it on a
+# netlink device), and qemu-nbd reads it only at start.
+GROWTH_REFUSAL = ("a qemu-nbd volume cannot grow while mounted; unmount it (delete the pod), "
+                  "grow the image with qemu-img resize, and mount it again")
 
 
 def lock_image(fd: int, *, read_only: bool, path: str) -> None:
@@ -106,12 +111,6 @@ class NbdVolume:
             _tear_down(self.ident, [self.index])
         finally:
             self.relinquish()
-
-    def resize(self) -> None:
-        # The kernel takes an NBD device's size only at connect (netlink RECONFIGURE and the
-        # ioctls cannot change it on a netlink device), and qemu-nbd reads it only at start.
-        raise DriverError("a qemu-nbd volume cannot grow while mounted; unmount it (delete the "
-                          "pod), grow the image with qemu-img resize, and mount it again")
 
 
 def _devices_of(ident: str | None = None) -> dict[int, str]:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 from ..errors import DriverError
-from .qemu_nbd import collect, device_for  # noqa: F401  (unmount)
+from .qemu_nbd import GROWTH_REFUSAL, collect, device_for  # noqa: F401  (unmount, expandfs)
 
 IMAGE_FORMATS = ()
 
