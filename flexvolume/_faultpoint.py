@@ -2,8 +2,9 @@
 
 A driver killed between any two steps (OOM killer, node shutdown, kubelet restart) must leave
 a state that kubelet's retry turns into Success with nothing leaked and no data lost. Killing
-after a delay reaches the short steps only by chance; these points let
-tests/driver/test_flexvolume_faults.py kill the driver right after a named step, every time.
+after a delay reaches the short steps only by chance; these points let the kill tests
+(tests/driver/test_flexvolume_kill.py, test_vm_qemu_nbd_kill.py) kill the driver right after a
+named step, every time.
 In production the variable is unset and `reached` is one comparison with None.
 """
 

@@ -209,6 +209,9 @@ def expandfs(raw_options: str, target: str, new_size_text: str, backend: ModuleT
     device = backend.device_for(current) if current is not None else None
     if device is None:
         raise DriverError(f"{target} is not a mounted flexblock volume")
+    refusal = getattr(backend, "GROWTH_REFUSAL", None)
+    if refusal is not None:
+        raise DriverError(refusal)  # before the image grows: a Failure changes nothing
     try:
         opts = options.parse(raw_options)
     except OptionError as e:

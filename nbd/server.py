@@ -77,12 +77,19 @@ def find_by_id(ident: str) -> Server | None:
 
 def list_servers() -> list[Server]:
     """Every server started by start() that is still running."""
+    found = (find_by_id(ident) for ident in list_ids())
+    return [server for server in found if server is not None]
+
+
+def list_ids() -> list[str]:
+    """The identities of the images that have files in RUN_DIR: their servers' running, or
+    dead with nobody to remove the files (killed, or a stop() killed half-way)."""
     try:
         names = os.listdir(RUN_DIR)
     except FileNotFoundError:
         return []
-    found = (find_by_id(n[:-len(".pid")]) for n in sorted(names) if n.endswith(".pid"))
-    return [server for server in found if server is not None]
+    return sorted({name.rsplit(".", 1)[0] for name in names
+                   if name.endswith((".sock", ".pid", ".log"))})
 
 
 def _check_image(path: str, fmt: str) -> None:
@@ -196,8 +203,21 @@ def stop(server: Server, timeout: float = STOP_TIMEOUT) -> None:
         if _alive(server.pid, server.socket_path):
             raise NbdError(errno.EBUSY, f"qemu-nbd {server.pid} survived SIGKILL",
                            server.socket_path)
-    socket_path, pid_path, log_path = _paths(server.image_id)
-    for path in (socket_path, pid_path, log_path):
+    _remove_files(server.image_id)
+
+
+def stop_by_id(ident: str) -> None:
+    """Stop image *ident*'s server if it runs, and remove its files either way. The caller
+    makes sure nobody is starting a server for that image meanwhile (its files would go)."""
+    running = find_by_id(ident)
+    if running is not None:
+        stop(running)
+    else:
+        _remove_files(ident)
+
+
+def _remove_files(ident: str) -> None:
+    for path in _paths(ident):
         try:
             os.unlink(path)
         except FileNotFoundError:

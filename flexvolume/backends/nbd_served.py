@@ -29,6 +29,7 @@ from collections.abc import Callable
 import nbd
 from nbd import server
 
+from .. import _faultpoint
 from ..errors import DriverError
 from ..mounts import MountEntry, mounts_of
 
@@ -87,13 +88,13 @@ class Family:
 
     @staticmethod
     def tear_down(ident: str, indexes) -> None:
-        """Disconnect *indexes* and stop the server *ident*, if running."""
+        """Disconnect *indexes*, stop the server *ident*, if running, and remove its files.
+        Called under the claim."""
         for index in indexes:
             nbd.disconnect(index)
             nbd.wait_disconnected(index)
-        running = server.find_by_id(ident)
-        if running is not None:
-            server.stop(running)
+        _faultpoint.reached("disconnect")
+        server.stop_by_id(ident)
 
     def connect(self, ident: str, start: Callable[[], server.Server], what: str) \
             -> tuple[int, int]:
@@ -111,6 +112,7 @@ class Family:
             # A killed call's leftovers: its claim died with it, so nobody is using them.
             self.tear_down(ident, devices)
             running = start()
+            _faultpoint.reached("serve")
             try:
                 device, _ = nbd.attach(running.socket_path, backend=self.prefix + ident)
             except BaseException:
@@ -139,13 +141,13 @@ class Family:
     def collect(self, tear_down: Callable[[str, list[int]], None] | None = None,
                 extra: tuple[str, ...] = ()) -> None:
         """Tear down what killed calls left behind on this host: devices of this family that
-        nothing mounts and its servers without a device, skipping idents a running call has
-        claimed. *tear_down(ident, indexes)*, run under the claim, replaces the plain teardown
+        nothing mounts, its servers without a device and the files of its dead servers,
+        skipping idents a running call has claimed. *tear_down(ident, indexes)*, run under the claim, replaces the plain teardown
         of a backend whose devices need more; *extra* names idents with devices of the
         backend's own kind, which that function checks itself."""
         devices = self.devices()
         idents = set(devices.values()) | {
-            ident for ident in (*(s.image_id for s in server.list_servers()), *extra)
+            ident for ident in (*server.list_ids(), *extra)
             if self.was_claimed(ident)}
         for ident in sorted(idents):
             indexes = [i for i, owner in devices.items() if owner == ident]

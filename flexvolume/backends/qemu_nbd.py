@@ -24,6 +24,11 @@ from .nbd_served import Family, NbdVolume
 IMAGE_FORMATS = ("raw", "qcow2")
 LOCK_OFFSET = 1 << 62
 FAMILY = Family("flexblock:", "/run/flexblock/volumes")
+# expandfs answers this (volume.expandfs) before it touches the image. The kernel takes an NBD
+# device's size only at connect (netlink RECONFIGURE and the ioctls cannot change it on a
+# netlink device), and qemu-nbd reads it only at start.
+GROWTH_REFUSAL = ("a qemu-nbd volume cannot grow while mounted; unmount it (delete the pod), "
+                  "grow the image with qemu-img resize, and mount it again")
 
 
 def lock_image(fd: int, *, read_only: bool, path: str) -> None:
@@ -37,12 +42,6 @@ class ImageVolume(NbdVolume):
         super().__init__(FAMILY, index, ident, claim_fd)
         dev, ino = ident.split("-")
         self.backing_devno, self.backing_inode = int(dev, 16), int(ino, 16)
-
-    def resize(self) -> None:
-        # The kernel takes an NBD device's size only at connect (netlink RECONFIGURE and the
-        # ioctls cannot change it on a netlink device), and qemu-nbd reads it only at start.
-        raise DriverError("a qemu-nbd volume cannot grow while mounted; unmount it (delete the "
-                          "pod), grow the image with qemu-img resize, and mount it again")
 
 
 def attach(image_fd: int, *, read_only: bool, lock: bool, image_format: str = "raw",

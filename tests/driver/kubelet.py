@@ -50,6 +50,7 @@ from pathlib import Path
 import pytest
 
 import loopctl
+from flexvolume import _faultpoint
 from flexvolume import install as flex_install
 
 from helpers import wait_until  # noqa: F401  (tests/helpers.py; re-exported to the tests)
@@ -65,6 +66,8 @@ SHARE_SIZE = "16g"  # a limit, not memory (tmpfs holds what is written); no volu
 CALL_TIMEOUT = 120.0   # a hung driver fails the test instead of wedging it (kubelet waits forever)
 WAIT_TIMEOUT = 15.0    # udevd may hold a device open a while after its last real user is gone
 LOOP_CLR_FD = 0x4C01   # <linux/loop.h>; only used when loopctl itself cannot detach
+
+TOOL_DIRS = "/usr/sbin:/sbin:/usr/bin:/bin"  # where the real tools are, for the stand-ins
 
 # Minimum sizes mkfs accepts (xfsprogs 5.19+: 300 MB; btrfs-progs: 114294784 bytes).
 MIN_SIZE = {"ext4": 30 * MiB, "ext3": 30 * MiB, "xfs": 320 * MiB, "btrfs": 128 * MiB}
@@ -619,14 +622,15 @@ def assert_released(kubelet: Kubelet, share: Path) -> None:
 
 
 
-def make_volume(kubelet: Kubelet, share: Path, *, fs_type: str = "ext4", **extra: str) -> str:
+def make_volume(kubelet: Kubelet, share: Path, *, fs_type: str = "ext4", driver: str = DRIVER,
+                **extra: str) -> str:
     """Create volume "test" (new_volume's options and *extra*) holding data.bin, unmount it;
     the data's sha256."""
     pod = Pod("creator")
-    reply = kubelet.mount(pod, new_volume(share, **extra), fs_type=fs_type)
+    reply = kubelet.mount(pod, new_volume(share, **extra), fs_type=fs_type, driver=driver)
     assert reply.status == "Success", reply
     digest = write_data(reply.target)
-    assert kubelet.unmount(pod).status == "Success"
+    assert kubelet.unmount(pod, driver=driver).status == "Success"
     assert wait_until(lambda: not loops_for(image_path(share)))
     return digest
 
@@ -641,14 +645,18 @@ def assert_data_kept(kubelet: Kubelet, share: Path, pod: Pod, options: dict[str,
     assert_released(kubelet, share)
 
 
+def _stand_in(bindir: Path, tool: str, before: str) -> None:
+    """bindir/*tool*: a shell script that runs *before*, then execs the real *tool*."""
+    bindir.mkdir(exist_ok=True)
+    real = shutil.which(tool, path=TOOL_DIRS)
+    (bindir / tool).write_text(f"#!/bin/sh\n{before}\nexec {real} \"$@\"\n")
+    (bindir / tool).chmod(0o755)
+
+
 def slow_tool(tmp_path: Path, tool: str, seconds: float) -> str:
     """A PATH entry where *tool* sleeps first: a big volume's mkfs, at a 30 MiB one's cost."""
-    bindir = tmp_path / "slow-bin"
-    bindir.mkdir(exist_ok=True)
-    real = shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
-    (bindir / tool).write_text(f"#!/bin/sh\nsleep {seconds}\nexec {real} \"$@\"\n")
-    (bindir / tool).chmod(0o755)
-    return str(bindir)
+    _stand_in(tmp_path / "slow-bin", tool, f"sleep {seconds}")
+    return str(tmp_path / "slow-bin")
 
 
 def start_creating_with_slow_mkfs(kubelet: Kubelet, share: Path, tmp_path: Path, pod: Pod,
@@ -666,3 +674,72 @@ def start_creating_with_slow_mkfs(kubelet: Kubelet, share: Path, tmp_path: Path,
         proc.communicate()
         raise AssertionError("the driver never created its temporary image")
     return proc, kubelet.argv("mount", target, raw)
+
+
+# -- a kill at a named step (the kill tests) -----------------------------------------------------
+def killing_tool(tmp_path: Path, tool: str, first_arg: str = "") -> str:
+    """A PATH entry where *tool* (when its first argument is *first_arg*, if given) SIGKILLs its
+    parent, the driver, then runs the real one. Tools the driver runs die with it, so the real
+    tool is killed too, wherever it got to; a daemon it starts (qemu-nbd) outlives it."""
+    kill = "kill -KILL $PPID"
+    if first_arg:
+        kill = f'[ "$1" = {first_arg} ] && {kill}'
+    _stand_in(tmp_path / f"kill-{tool}-{first_arg}", tool, kill)
+    return f"{tmp_path / f'kill-{tool}-{first_arg}'}:{TOOL_DIRS}"
+
+
+def fault_env(tmp_path: Path, fault: str) -> dict[str, str]:
+    """The environment that kills the driver at *fault*: a fault point, or "tool:NAME" (and
+    "tool:NAME:ARG", only the call of NAME whose first argument is ARG)."""
+    kind, _, tool = fault.partition(":")
+    if kind == "tool":
+        return {"PATH": killing_tool(tmp_path, *tool.split(":", 1))}
+    return {_faultpoint.ENV: fault}
+
+
+def call_killed(kubelet: Kubelet, tmp_path: Path, fault: str, command: str,
+                *args: str | os.PathLike, driver: str = DRIVER) -> None:
+    """Run one call that must die of SIGKILL at *fault*, and leave no process of its session
+    (its tools) behind."""
+    argv = kubelet.argv(command, *args, driver=driver)
+    proc = kubelet.spawn(command, *args, driver=driver, env=fault_env(tmp_path, fault),
+                         start_new_session=True)
+    output, _ = proc.communicate(timeout=CALL_TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL, \
+        f"{fault} was never reached: {check_reply(argv, proc.returncode, output, 0.0)}"
+    assert output == b"", "a killed driver answered anyway"
+    left = wait_until(lambda: not session_members(proc.pid), 10)
+    wait_for_session(proc.pid)
+    assert left, f"processes outlived the driver killed at {fault}"
+
+
+FS_GROUP = 4321  # the pod's fsGroup in the kill tests: the last step of a mount gives it the root
+
+
+def kill_mount(kubelet: Kubelet, tmp_path: Path, pod: Pod, options: dict[str, str], fault: str,
+               driver: str = DRIVER) -> None:
+    """A mount killed at *fault*, then kubelet's clean-up of the pod dir."""
+    target = kubelet.pod_dir(pod, driver=driver)
+    kubelet.prepare_for_mount(target)
+    raw = go_json(Kubelet.options(options, fs_type="ext4", pod=pod, fs_group=FS_GROUP))
+    call_killed(kubelet, tmp_path, fault, "mount", target, raw, driver=driver)
+    if not is_mount_point(target):
+        os.rmdir(target)  # kubelet after a failed mount
+        image = image_path(Path(options["share"]))
+        assert wait_until(lambda: not loops_for(image)), f"{image} still bound after the kill"
+
+
+def retry_mount(kubelet: Kubelet, pod: Pod, options: dict[str, str], fault: str,
+                digest: str | None, driver: str = DRIVER, device: str = "/dev/loop") -> Reply:
+    """Kubelet's retry: Success on a *device* (its path's prefix), the volume whole (data,
+    fsGroup), no temporary image left."""
+    reply = kubelet.mount(pod, options, fs_type="ext4", fs_group=FS_GROUP, driver=driver)
+    assert reply.status == "Success", f"retry after a kill at {fault}: {reply}"
+    assert findmnt(reply.target)["source"].startswith(device)
+    st = os.stat(reply.target)
+    assert (st.st_gid, st.st_mode & 0o2070) == (FS_GROUP, 0o2070), \
+        f"after a kill at {fault} the volume root is not the fsGroup's"
+    if digest:
+        assert checksum(reply.target / "data.bin") == digest
+    assert temp_images(image_path(Path(options["share"])).parent) == []
+    return reply

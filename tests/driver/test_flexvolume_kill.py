@@ -14,17 +14,15 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from flexvolume import _faultpoint
-from kubelet import (MIN_SIZE, GiB, Kubelet, MiB, Pod, assert_data_kept,  # noqa: F401
-                     assert_released, check_reply, checksum, df_size, findmnt, go_json,
-                     image_path, is_mount_point, kubelet, loops_for, make_volume,
-                     needs_ext_online_resize, new_volume, run, session_members, share,
-                     start_creating_with_slow_mkfs, temp_images, wait_for_session, wait_until,
-                     write_data)
+from kubelet import (MIN_SIZE, TOOL_DIRS, GiB, Kubelet, MiB, Pod,  # noqa: F401
+                     assert_data_kept, assert_released, call_killed, check_reply, checksum,
+                     df_size, findmnt, go_json, image_path, is_mount_point, kill_mount, kubelet,
+                     loops_for, make_volume, needs_ext_online_resize, new_volume, retry_mount,
+                     run, session_members, share, start_creating_with_slow_mkfs, temp_images,
+                     wait_for_session, wait_until, write_data)
 
 STEP = 0.002       # s between kill delays (mount)
 UNMOUNT_STEP = 0.001
@@ -198,68 +196,6 @@ def test_kill_between_publishing_link_and_unlink_is_recovered(kubelet, share):
 
 
 # -- a kill at each step --------------------------------------------------------------------------
-FS_GROUP = 4321
-TOOL_DIRS = "/usr/sbin:/sbin:/usr/bin:/bin"
-
-
-def killing_tool(tmp_path, tool: str) -> str:
-    """A PATH entry where *tool* SIGKILLs its parent (the driver), then runs the real one. The
-    driver makes its tools die with it, so the real tool is killed too, wherever it got to."""
-    bindir = tmp_path / f"kill-{tool}"
-    bindir.mkdir()
-    real = shutil.which(tool, path=TOOL_DIRS)
-    (bindir / tool).write_text(f"#!/bin/sh\nkill -KILL $PPID\nexec {real} \"$@\"\n")
-    (bindir / tool).chmod(0o755)
-    return f"{bindir}:{TOOL_DIRS}"
-
-
-def fault_env(tmp_path, fault: str) -> dict[str, str]:
-    """The environment that kills the driver at *fault*: a fault point or "tool:NAME"."""
-    kind, _, name = fault.partition(":")
-    if kind == "tool":
-        return {"PATH": killing_tool(tmp_path, name)}
-    return {_faultpoint.ENV: fault}
-
-
-def call_killed(kubelet, tmp_path, fault, command, *args):
-    """Run one call that must die of SIGKILL at *fault*, and leave no process of its own."""
-    argv = kubelet.argv(command, *args)
-    proc = kubelet.spawn(command, *args, env=fault_env(tmp_path, fault), start_new_session=True)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, \
-        f"{fault} was never reached: {check_reply(argv, proc.returncode, output, 0.0)}"
-    assert output == b"", "a killed driver answered anyway"
-    left = wait_until(lambda: not session_members(proc.pid), 10)
-    wait_for_session(proc.pid)
-    assert left, f"processes outlived the driver killed at {fault}"
-
-
-def kill_mount(kubelet, tmp_path, pod, options, fault):
-    """A mount killed at *fault*, then kubelet's clean-up of the pod dir."""
-    target = kubelet.pod_dir(pod)
-    kubelet.prepare_for_mount(target)
-    raw = go_json(Kubelet.options(options, fs_type="ext4", pod=pod, fs_group=FS_GROUP))
-    call_killed(kubelet, tmp_path, fault, "mount", target, raw)
-    if not is_mount_point(target):
-        os.rmdir(target)  # kubelet after a failed mount
-        image = image_path(Path(options["share"]))
-        assert wait_until(lambda: not loops_for(image)), f"{image} still bound after the kill"
-
-
-def retry_mount(kubelet, pod, options, fault, digest):
-    """Kubelet's retry: Success, the volume whole (data, fsGroup), no temporary image left."""
-    reply = kubelet.mount(pod, options, fs_type="ext4", fs_group=FS_GROUP)
-    assert reply.status == "Success", f"retry after a kill at {fault}: {reply}"
-    assert findmnt(reply.target)["source"].startswith("/dev/loop")
-    st = os.stat(reply.target)
-    assert (st.st_gid, st.st_mode & 0o2070) == (FS_GROUP, 0o2070), \
-        f"after a kill at {fault} the volume root is not the fsGroup's"
-    if digest:
-        assert checksum(reply.target / "data.bin") == digest
-    assert temp_images(image_path(Path(options["share"])).parent) == []
-    return reply
-
-
 MOUNT_STEPS = {
     # volume -> the steps a mount of it goes through
     "new": ["create", "allocate", "tool:mkfs.ext4", "mkfs", "publish-link", "publish", "attach",

@@ -22,7 +22,7 @@ from flexvolume import _faultpoint
 from helpers import image_id
 from kubelet import (MiB, Kubelet, Pod, checksum, findmnt, go_json, kubelet, run,  # noqa: F401
                      share, write_data)
-from test_vm_qemu_nbd import _nbd_mounts
+from nbd_volumes import nbd_mounts
 from vm.lane import vm_only
 
 pytestmark = [pytest.mark.vm, vm_only]
@@ -47,7 +47,7 @@ def assert_nothing_left(share) -> None:
 def ploop_kubelet(kubelet, share):
     kubelet.install(DRIVER, ALIAS)
     yield kubelet
-    for target in sorted((m["target"] for m in _nbd_mounts()), key=len, reverse=True):
+    for target in sorted((m["target"] for m in nbd_mounts()), key=len, reverse=True):
         if target.startswith(str(share.parent)):
             subprocess.run(["umount", target], capture_output=True)
     for directory in _volumes(share):

@@ -1,75 +1,22 @@
 """The qemu-nbd driver (drop-in for kvaps/qemu-nbd) driven exactly as kubelet calls it, on the
-real kernel NBD of the lane's VM (the host kernel has none).
-
-Teardown unmounts what a test mounted from an NBD device, disconnects every device whose
-backend identifier names an image under the test's share, and stops those images' servers:
-nothing else on the machine is touched.
+real kernel NBD of the lane's VM (the host kernel has none). Teardown: nbd_volumes.nbd_kubelet.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
 
-import nbd
-from nbd import server
-
 from kubelet import (MiB, Pod, checksum, findmnt, image_path, kubelet, new_volume,  # noqa: F401
-                     run, share, wait_until, write_data)
+                     run, share, write_data)
+from nbd_volumes import ALIAS, DRIVER, assert_nothing_left, nbd_kubelet, ours  # noqa: F401
 from vm.lane import vm_only
 
 pytestmark = [pytest.mark.vm, vm_only]
-
-DRIVER = "flexblock/qemu-nbd"
-ALIAS = "kvaps/qemu-nbd"
-
-
-def _idents_under(root) -> set[str]:
-    idents = set()
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            idents.add(f"{st.st_dev:x}-{st.st_ino:x}")
-    return idents
-
-
-def ours(share) -> tuple[dict[int, str], list[server.Server]]:
-    """Connected devices (index -> backend) and running servers of the images under *share*."""
-    idents = _idents_under(share)
-    devices = {d.index: d.backend for d in nbd.connected()}
-    devices = {i: b for i, b in devices.items() if b and b.startswith("flexblock:")
-               and b.split(":", 1)[1] in idents}
-    return devices, [s for s in server.list_servers() if s.image_id in idents]
-
-
-def assert_nothing_left(share) -> None:
-    assert wait_until(lambda: ours(share) == ({}, [])), f"left behind: {ours(share)}"
-
-
-@pytest.fixture
-def nbd_kubelet(kubelet, share):
-    kubelet.install(DRIVER, ALIAS)
-    yield kubelet
-    for target in sorted((m["target"] for m in _nbd_mounts()), key=len, reverse=True):
-        if target.startswith(str(share.parent)):
-            subprocess.run(["umount", target], capture_output=True)
-    devices, servers = ours(share)
-    for index in devices:
-        nbd.disconnect(index)
-        nbd.wait_disconnected(index)
-    for srv in servers:
-        server.stop(srv)
-
-
-def _nbd_mounts() -> list[dict]:
-    out = run("findmnt", "-J", "-l", "-o", "TARGET,SOURCE", check=False).stdout
-    return [m for m in json.loads(out or '{"filesystems": []}')["filesystems"]
-            if m["source"].startswith("/dev/nbd")]
 
 
 def _qemu_img_info(path) -> dict:
@@ -179,12 +126,16 @@ def test_leftovers_of_a_killed_call_are_recovered(nbd_kubelet, share):
     assert_nothing_left(share)
 
 
-def test_expandfs_is_refused_with_the_way_to_grow(nbd_kubelet, share):
+@pytest.mark.parametrize("image_format", ["raw", "qcow2"])
+def test_expandfs_is_refused_with_the_way_to_grow(nbd_kubelet, share, image_format):
     assert nbd_kubelet.init(DRIVER).body["capabilities"]["requiresFSResize"] is False
-    pod, user = Pod("web"), new_volume(share)
+    pod, user = Pod("web"), new_volume(share, format=image_format)
     reply = nbd_kubelet.mount(pod, user, driver=DRIVER)
+    size = image_path(share).stat().st_size
     refused = nbd_kubelet.expandfs(reply.target, user, 64 * MiB, 30 * MiB, driver=DRIVER)
     assert refused.status == "Failure" and "qemu-img resize" in refused.message
+    # A refused call changes nothing: the image keeps its size (and, raw, its volume's).
+    assert image_path(share).stat().st_size == size
     assert nbd_kubelet.unmount(pod, driver=DRIVER).status == "Success"
     assert_nothing_left(share)
 

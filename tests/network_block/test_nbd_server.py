@@ -20,6 +20,8 @@ from nbd import server
 from nbd.errors import NbdError
 from nbd.handshake import handshake
 
+from helpers import wait_until
+
 MiB = 1 << 20
 
 
@@ -66,6 +68,27 @@ def test_start_find_handshake_stop(run_dir, tmp_path, fmt):
         assert server.find(fd) is None
         assert _qemu_nbd_serving(run_dir) == []
         assert os.listdir(run_dir) == []
+    finally:
+        os.close(fd)
+
+
+def test_files_of_a_dead_server_are_listed_and_removed(run_dir, tmp_path):
+    """A server killed (or a stop() killed between the server's death and the removal of its
+    files) leaves its socket, pid file and log: list_ids finds them, stop_by_id removes them."""
+    fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
+    try:
+        started = server.start(fd)
+        assert server.list_ids() == [started.image_id]
+        os.kill(started.pid, signal.SIGKILL)
+        assert wait_until(lambda: not _qemu_nbd_serving(run_dir))
+        assert server.list_servers() == [] and server.list_ids() == [started.image_id]
+        assert len(os.listdir(run_dir)) == 3
+        server.stop_by_id(started.image_id)
+        assert server.list_ids() == [] and os.listdir(run_dir) == []
+        # ... and a running one is stopped first.
+        started = server.start(fd)
+        server.stop_by_id(started.image_id)
+        assert _qemu_nbd_serving(run_dir) == [] and os.listdir(run_dir) == []
     finally:
         os.close(fd)
 
