@@ -50,8 +50,7 @@ def main() -> int:
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, "256M"], check=True)
     fd = os.open(image, os.O_RDWR)
     shared = server.start(fd)
-    samples: dict[str, list[float]] = {k: [] for k in ("lib", "nbd-client", "backend", "qemu-c",
-                                                       "start")}
+    samples: dict[str, list[float]] = {k: [] for k in ("lib", "nbd-client", "backend", "qemu-c")}
     try:
         for _ in range(args.rounds):
             connected: list[nbd.DeviceInfo] = []
@@ -84,9 +83,7 @@ def main() -> int:
             deadline = time.monotonic() + 30
             while control.info(index).pid is not None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            servers: list[server.Server] = []
-            samples["start"].append(_timed(lambda: servers.append(server.start(fd))))
-            shared = servers[0]
+            shared = server.start(fd)
     finally:
         found = server.find(fd)
         if found is not None:
@@ -101,8 +98,6 @@ def main() -> int:
     print(f"  qemu-nbd backend       {median['backend']:8.1f}   "
           f"{median['backend'] / median['qemu-c']:.2f}x qemu-nbd -c (target <= 0.7x)")
     print(f"  qemu-nbd -c            {median['qemu-c']:8.1f}")
-    print(f"  (server.start alone    {median['start']:8.1f}: the qemu-nbd --fork the backend "
-          "waits for)")
     return 0
 
 
