@@ -58,7 +58,7 @@ def test_share_full_while_allocating(kubelet, small_share):
 
 
 def test_share_full_while_formatting_a_sparse_image(kubelet, small_share):
-    fill(small_share, 64 * 1024)  # mkfs.ext4 writes ~170 KiB for 16 MiB
+    fill(small_share, 16 * 1024)  # mkfs.ext4 writes ~52 KiB for 16 MiB (4 KiB blocks)
     reply = refused(kubelet, small_share, new_volume(small_share, size="16Mi", mmp="false"))
     assert "mkfs" in reply.message and "No space left on device" in reply.message, reply
     assert not image_path(small_share).exists()
