@@ -5,7 +5,7 @@
 Pytest args (node ids relative to the repository root, -k, -x, ...) go to the pytest in the VM,
 which always gets `-m vm` first (a later -m of yours replaces it). Lane options:
 
-    --timeout S     bound on the whole lane, install and boot included (default 900, or
+    --timeout S     bound on the whole lane, install and boot included (default 1500, or
                     $FLEXBLOCK_VM_TIMEOUT); past it QEMU is killed and the lane fails
     --memory M      guest memory (default 2G)    --cpus N    guest CPUs (default 2)
     --console       show the guest kernel's console live (default: kept in a log file, whose
@@ -76,7 +76,7 @@ def fail(message: str, status: int = LANE_FAILED) -> NoReturn:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(add_help=True, usage=__doc__.split("\n\n")[1])
     p.add_argument("--timeout", type=float,
-                   default=float(os.environ.get("FLEXBLOCK_VM_TIMEOUT", 900)))
+                   default=float(os.environ.get("FLEXBLOCK_VM_TIMEOUT", 1500)))
     p.add_argument("--memory", default="2G")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--console", action="store_true")
