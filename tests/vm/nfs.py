@@ -206,8 +206,8 @@ def _daemon(stack: contextlib.ExitStack, log: Path, *cmd: str) -> None:
         raise NfsError(f"{cmd[0]} exited at once ({proc.returncode}); see {log}")
 
 
-def _serve(stack: contextlib.ExitStack, export: Path, log: Path, lease_seconds: int | None
-           ) -> None:
+def _serve(stack: contextlib.ExitStack, export: Path, log: Path, lease_seconds: int | None,
+           max_block_size: int | None) -> None:
     run("modprobe", "-a", "nfsd", "nfsv4", "veth")
     _mount_once(stack, "nfsd", "nfsd", NFSD)
     if int((NFSD / "threads").read_text() or "0") != 0:
@@ -221,6 +221,10 @@ def _serve(stack: contextlib.ExitStack, export: Path, log: Path, lease_seconds: 
         # The server holds a dead client's locks this long; settable only while it is stopped.
         _set_nfsd_value(stack, "nfsv4leasetime", lease_seconds)
         _set_nfsd_value(stack, "nfsv4gracetime", lease_seconds)
+    if max_block_size is not None:
+        # The largest READ/WRITE the server offers (the clients' rsize and wsize): nfsd picks
+        # 1/4096 of the RAM, 256 KiB in this VM; 1 MiB, the most, from 4 GiB up.
+        _set_nfsd_value(stack, "max_block_size", max_block_size)
 
     export.mkdir(parents=True, exist_ok=True)
     run("mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "flexblock-nfs-export", export)
@@ -283,19 +287,21 @@ def _unmount_node(node: Node) -> None:
 
 @contextlib.contextmanager
 def cluster(root: Path, nodes: tuple[str, ...] = ("node-a", "node-b"), *, delay_us: int = 0,
-            lease_seconds: int | None = None) -> Iterator[Cluster]:
+            lease_seconds: int | None = None, max_block_size: int | None = None
+            ) -> Iterator[Cluster]:
     """A server exporting a tmpfs at root/export and a node per name, each with its NFSv4.2
     mount at root/<name>; all of it torn down on exit, pass or fail.
 
     delay_us: netem delay on each end of every node's veth (so the round trip gains twice it).
     lease_seconds: the server's NFSv4 lease (and grace) time, 10 or more; None keeps the
     kernel's (90 s).
+    max_block_size: the server's largest READ and WRITE in bytes; None keeps nfsd's choice.
     """
     root = Path(root)
     with contextlib.ExitStack() as stack:
         if delay_us:
             run("modprobe", "sch_netem")
-        _serve(stack, root / "export", root / "nfs-server.log", lease_seconds)
+        _serve(stack, root / "export", root / "nfs-server.log", lease_seconds, max_block_size)
         members = tuple(Node(name, i, root / name) for i, name in enumerate(nodes, start=1))
         for node in members:
             _netns(stack, node, delay_us)
