@@ -5,12 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Kernel tools the library and its tests drive for real; gcc builds the cffi binding and the
-# C reference of the benchmark; jq runs the seed driver's command sequence in bench/; qemu-nbd
-# and nbdkit are the NBD servers the handshake and server tests talk to; debootstrap makes the
+# C reference of the benchmark; jq runs the seed driver's command sequence in bench/; qemu-nbd,
+# qemu-storage-daemon (qemu-system-common: what nbd.server runs for image files) and nbdkit are
+# the NBD servers the handshake and server tests talk to; debootstrap makes the
 # Python-less node the deployment tests install the image's tree into, and patchelf builds that
 # tree (deploy/bundle.py).
-HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev jq \
-                 qemu-utils nbdkit debootstrap patchelf
+HOST_PACKAGES := e2fsprogs xfsprogs btrfs-progs util-linux mount udev gcc libc6-dev linux-libc-dev \
+                 jq qemu-utils qemu-system-common nbdkit debootstrap patchelf
 
 .PHONY: run test test-vm bench bench-nfs host-packages venv clean
 

@@ -495,12 +495,16 @@ nbd_ffi.cdef(
     struct genlmsghdr { uint8_t cmd; uint8_t version; ...; };
     struct nlattr { uint16_t nla_len; uint16_t nla_type; ...; };
     struct nlmsgerr { int error; struct nlmsghdr msg; ...; };
+
+    int fb_pidfd_getfd(int pidfd, int targetfd);
     """
 )
 
 nbd_ffi.set_source(
     "nbd._ffi",
     """
+    #include <errno.h>
+    #include <sys/pidfd.h>
     #include <sys/socket.h>
     #include <linux/netlink.h>
     #include <linux/genetlink.h>
@@ -509,5 +513,12 @@ nbd_ffi.set_source(
 
     static const char *const NBD_FAMILY = NBD_GENL_FAMILY_NAME;
     static const char *const NBD_MCAST_GROUP = NBD_GENL_MCAST_GROUP_NAME;
+
+    /* A copy of another process's fd (same open file description), or -errno. */
+    static int fb_pidfd_getfd(int pidfd, int targetfd)
+    {
+        int fd = pidfd_getfd(pidfd, targetfd, 0);
+        return fd < 0 ? -errno : fd;
+    }
     """,
 )

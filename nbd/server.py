@@ -1,12 +1,20 @@
-"""qemu-nbd servers for image files: started as daemons on a unix socket, found again by a
-later process (the driver exits between kubelet's calls), and stopped.
+"""NBD servers for image files, one process per image: started as daemons on a unix socket,
+found again by a later process (the driver exits between kubelet's calls), and stopped.
+
+An image file is served by a qemu-storage-daemon that start() configures over QMP (by a
+qemu-nbd where there is no qemu-storage-daemon); a server for a qemu protocol filename
+(start_named, e.g. sheepdog) is a qemu-nbd. Starting either
+process is most of what serving an image costs (about 250 ms of exec and dynamic linking under
+TCG, as much as the whole of ``qemu-nbd -c``), so keep_spare() has an idle daemon started in
+the background, and the next start() takes it and only sends it the image's configuration.
 
 A server is named after its image's identity (device and inode), so every process finds the
-same one, and its socket and pid file live under RUN_DIR (a tmpfs: they vanish with a reboot,
-as the servers do). Its stdio goes to a log file next to them, never to the caller's: kubelet
-waits for EOF on the driver's output, and a daemon holding it would hang the call forever.
-qemu's own image locking (OFD locks on the image) keeps a second server, here or on another
-host sharing the file, from opening an image that one already serves read-write.
+same one, and its sockets and pid file live under RUN_DIR (a tmpfs: they vanish with a reboot,
+as the servers do); spares live in RUN_DIR/spares until taken. Its stdio goes to a log file
+next to them, never to the caller's: kubelet waits for EOF on the driver's output, and a
+daemon holding it would hang the call forever. qemu's own image locking (OFD locks on the
+image) keeps a second server, here or on another host sharing the file, from opening an image
+that one already serves read-write.
 """
 
 from __future__ import annotations
@@ -15,22 +23,31 @@ import collections
 import errno
 import os
 import re
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
+from . import qmp
 from .errors import NbdError
 
 RUN_DIR = "/run/flexblock/qemu-nbd"
+DAEMON = "qemu-storage-daemon"
 FORMATS = ("raw", "qcow2", "parallels")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
-# start() and find(): a running qemu-nbd and the image it serves
+# start() and find(): a running server and the image it serves (format None: a daemon taken
+# for the image by a start() that has not recorded its settings yet)
 Server = collections.namedtuple("Server", "pid socket_path image_id format read_only")
+# Spares live this long without a pid file before keep_spare() takes them for failed starts.
+SPARE_START_TIMEOUT = START_TIMEOUT
+_spawned: list[subprocess.Popen] = []  # spares started by keep_spare(), reaped later
 
 
 def image_id(fd: int) -> str:
@@ -38,20 +55,35 @@ def image_id(fd: int) -> str:
     return f"{st.st_dev:x}-{st.st_ino:x}"
 
 
-def _paths(ident: str) -> tuple[str, str, str]:
+def _paths(ident: str) -> tuple[str, str, str, str]:
+    """The server's NBD socket, pid file (for a daemon: our record of it), log and, for a
+    daemon, its QMP socket."""
     base = os.path.join(RUN_DIR, ident)
-    return f"{base}.sock", f"{base}.pid", f"{base}.log"
+    return f"{base}.sock", f"{base}.pid", f"{base}.log", f"{base}.qmp"
 
 
-def _alive(pid: int, socket_path: str) -> bool:
-    """Is *pid* a qemu-nbd serving *socket_path* (not a recycled pid)?"""
+def _spare_dir() -> str:
+    return os.path.join(RUN_DIR, "spares")
+
+
+def _cmdline(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            return f.read().split(b"\0")
     except OSError:
-        return False
-    return bool(argv) and os.path.basename(argv[0]) == b"qemu-nbd" and \
-        socket_path.encode() in argv
+        return []
+
+
+def _monitor_of(argv: list[bytes]) -> str | None:
+    """The QMP socket a qemu-storage-daemon started by this module listens on (its name is
+    the daemon's token: a recycled pid has another command line)."""
+    if not argv or os.path.basename(argv[0]) != DAEMON.encode():
+        return None
+    prefix = b"socket,id=monitor,path="
+    for arg in argv:
+        if arg.startswith(prefix):
+            return arg[len(prefix):].split(b",")[0].decode(errors="replace")
+    return None
 
 
 def find(fd: int) -> Server | None:
@@ -61,18 +93,27 @@ def find(fd: int) -> Server | None:
 
 def find_by_id(ident: str) -> Server | None:
     """The running server for the image with identity *ident* (see image_id), if any."""
-    socket_path, pid_path, _ = _paths(ident)
+    socket_path, pid_path, _, qmp_path = _paths(ident)
     try:
         with open(pid_path, encoding="ascii") as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
+            fields = f.read().split()
+        pid = int(fields[0])
+    except (OSError, ValueError, IndexError):
         return None
-    if not _alive(pid, socket_path):
+    argv = _cmdline(pid)
+    monitor = _monitor_of(argv)
+    if len(fields) == 4:  # a daemon's record: pid, token, format, rw/ro
+        if monitor is None or os.path.basename(monitor) != fields[1] + ".qmp":
+            return None
+        return Server(pid, socket_path, ident, fields[2], fields[3] == "ro")
+    if monitor is not None:  # qemu wrote it: a daemon being set up for ident
+        taken = monitor == qmp_path or os.path.dirname(monitor) == _spare_dir()
+        return Server(pid, socket_path, ident, None, False) if taken else None
+    if not argv or os.path.basename(argv[0]) != b"qemu-nbd" or socket_path.encode() not in argv:
         return None
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-    fmt = argv[argv.index("--format") + 1] if "--format" in argv else "raw"
-    return Server(pid, socket_path, ident, fmt, "--read-only" in argv)
+    args = [a.decode(errors="replace") for a in argv]
+    fmt = args[args.index("--format") + 1] if "--format" in args else "raw"
+    return Server(pid, socket_path, ident, fmt, "--read-only" in args)
 
 
 def list_servers() -> list[Server]:
@@ -89,7 +130,7 @@ def list_ids() -> list[str]:
     except FileNotFoundError:
         return []
     return sorted({name.rsplit(".", 1)[0] for name in names
-                   if name.endswith((".sock", ".pid", ".log"))})
+                   if name.endswith((".sock", ".pid", ".log", ".qmp"))})
 
 
 def _check_image(path: str, fmt: str) -> None:
@@ -119,11 +160,29 @@ def _check_settings(fmt: str, cache: str) -> None:
 
 def start(fd: int, *, fmt: str = "raw", cache: str = "writeback",
           read_only: bool = False) -> Server:
-    """Serve the image open as *fd* (the server opens it through /proc/self/fd, so a path
-    checked by the caller cannot be swapped) with discards passed down to the file."""
+    """Serve the image open as *fd* (the server opens it through /proc/PID/fd of this
+    process, so a path checked by the caller cannot be swapped) with discards passed down to
+    the file. A spare daemon (keep_spare) is taken if one is ready."""
     _check_settings(fmt, cache)
-    _check_image(f"/proc/{os.getpid()}/fd/{fd}", fmt)
-    return _launch(image_id(fd), f"/proc/self/fd/{fd}", fmt, cache, read_only, (fd,))
+    filename = f"/proc/{os.getpid()}/fd/{fd}"
+    _check_image(filename, fmt)
+    ident = image_id(fd)
+    if shutil.which(DAEMON) is None:  # a node with qemu-utils only, as the seed driver needed
+        return _launch(ident, f"/proc/self/fd/{fd}", fmt, cache, read_only, (fd,))
+    _check_free(ident)
+    socket_path, pid_path, log_path, qmp_path = _paths(ident)
+    pid, token = _take_spare(ident) or _start_daemon(ident)
+    try:
+        _write_record(pid_path, f"{pid} {token} {fmt} {'ro' if read_only else 'rw'}\n")
+        with qmp.Monitor(qmp_path) as monitor:
+            _export(monitor, filename, fmt, cache, read_only, socket_path)
+    except BaseException as e:
+        stop_by_id(ident)
+        if isinstance(e, NbdError) and e.errno == errno.EIO:
+            raise NbdError(errno.EIO, f"qemu-storage-daemon refused the image: {e.strerror}",
+                           socket_path) from None
+        raise
+    return Server(pid, socket_path, ident, fmt, read_only)
 
 
 def start_named(ident: str, filename: str, *, fmt: str = "raw", cache: str = "writeback",
@@ -140,19 +199,179 @@ def start_named(ident: str, filename: str, *, fmt: str = "raw", cache: str = "wr
     return _launch(ident, filename, fmt, cache, read_only, ())
 
 
-def _launch(ident: str, image: str, fmt: str, cache: str, read_only: bool,
-            pass_fds: tuple[int, ...]) -> Server:
+def _check_free(ident: str) -> None:
+    """Refuse a second server for *ident*; clear what a dead one left."""
     running = find_by_id(ident)
     if running is not None:
-        raise NbdError(errno.EBUSY, f"already served by qemu-nbd {running.pid}",
+        raise NbdError(errno.EBUSY, f"already served by process {running.pid}",
                        running.socket_path)
-    socket_path, pid_path, log_path = _paths(ident)
+    if "," in RUN_DIR:  # qemu's option syntax would split the daemon's socket path there
+        raise NbdError(errno.EINVAL, "RUN_DIR must not contain a comma", RUN_DIR)
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    for stale in (socket_path, pid_path):
+    _remove_files(ident)
+
+
+def _write_record(pid_path: str, record: str) -> None:
+    temp = pid_path + ".new"
+    with open(temp, "w", encoding="ascii") as f:
+        f.write(record)
+    os.replace(temp, pid_path)
+
+
+def _cache_options(cache: str) -> tuple[dict, bool]:
+    """qemu-nbd's --cache modes as blockdev cache options and the export's writethrough."""
+    return ({"direct": cache in ("none", "directsync"), "no-flush": cache == "unsafe"},
+            cache in ("writethrough", "directsync"))
+
+
+def _export(monitor: qmp.Monitor, filename: str, fmt: str, cache: str, read_only: bool,
+            socket_path: str) -> None:
+    """What qemu-nbd --persistent --discard=unmap --cache=CACHE -f FMT serves, over QMP."""
+    cache_opts, writethrough = _cache_options(cache)
+    common = {"discard": "unmap", "read-only": read_only, "cache": cache_opts}
+    monitor.execute("blockdev-add", {"driver": "file", "node-name": "file",
+                                     "filename": filename, **common})
+    image = {"driver": fmt, "node-name": "image", "file": "file", **common}
+    if fmt == "qcow2":
+        image["backing"] = None  # never open a file the image names (also checked before)
+    monitor.execute("blockdev-add", image)
+    # One client at a time, like qemu-nbd's default: a second device on one image would be a
+    # second writer.
+    monitor.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}},
+                                         "max-connections": 1})
+    monitor.execute("block-export-add", {"type": "nbd", "id": "image", "node-name": "image",
+                                         "name": "", "writable": not read_only,
+                                         "writethrough": writethrough})
+
+
+def _spawn_daemon(qmp_path: str, pid_path: str, log_path: str) -> subprocess.Popen:
+    """An idle qemu-storage-daemon with a QMP socket; its first process exits once the
+    daemon is up (pid file written)."""
+    argv = [DAEMON, "--chardev",
+            f"socket,id=monitor,path={qmp_path},server=on,wait=off",
+            "--monitor", "chardev=monitor", "--daemonize", "--pidfile", pid_path]
+    with open(log_path, "ab") as log:
         try:
-            os.unlink(stale)
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        except FileNotFoundError:
+            os.unlink(log_path)
+            raise NbdError(errno.ENOENT, "qemu-storage-daemon is not installed "
+                           "(Debian: qemu-system-common)") from None
+
+
+def _start_daemon(ident: str) -> tuple[int, str]:
+    """A daemon started for *ident* now (no spare was ready): its pid and token."""
+    _, pid_path, log_path, qmp_path = _paths(ident)
+    process = _spawn_daemon(qmp_path, pid_path, log_path)
+    try:
+        status = process.wait(START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        status = None
+    taken = find_by_id(ident)
+    if status != 0 or taken is None:
+        error = NbdError(errno.EIO, f"qemu-storage-daemon failed: {_tail(log_path)}", qmp_path)
+        stop_by_id(ident)
+        raise error
+    return taken.pid, ident
+
+
+def _take_spare(ident: str) -> tuple[int, str] | None:
+    """Take a ready spare for *ident*, its pid and token: its QMP socket is renamed first,
+    which only one caller can do, then its log and pid file."""
+    spare_dir = _spare_dir()
+    try:
+        names = sorted(os.listdir(spare_dir))
+    except FileNotFoundError:
+        return None
+    _, pid_path, log_path, qmp_path = _paths(ident)
+    for name in names:
+        if not name.endswith(".pid"):
+            continue
+        token = name[:-len(".pid")]
+        base = os.path.join(spare_dir, token)
+        try:
+            os.rename(base + ".qmp", qmp_path)
+        except FileNotFoundError:
+            continue  # taken by another caller, or not a complete spare
+        for suffix, path in ((".log", log_path), (".pid", pid_path)):
+            try:
+                os.rename(base + suffix, path)
+            except FileNotFoundError:
+                pass
+        taken = find_by_id(ident)
+        if taken is not None:
+            return taken.pid, token
+        _remove_files(ident)  # the spare had died
+    return None
+
+
+def keep_spare() -> None:
+    """Have a spare daemon ready, or starting, for the next start() on this host: one is
+    started in the background if there is none (this returns at once). The spare stays
+    until a start() takes it, stop_spares(), or a reboot."""
+    _spawned[:] = [process for process in _spawned if process.poll() is None]
+    if shutil.which(DAEMON) is None:
+        return  # start() runs qemu-nbd
+    spare_dir = _spare_dir()
+    os.makedirs(spare_dir, mode=0o700, exist_ok=True)
+    now = time.time()
+    for token in sorted({name.rsplit(".", 1)[0] for name in os.listdir(spare_dir)}):
+        base = os.path.join(spare_dir, token)
+        try:
+            with open(base + ".pid", encoding="ascii") as f:
+                pid = int(f.read().split()[0])
+        except FileNotFoundError:
+            try:
+                if now - os.stat(base + ".log").st_mtime < SPARE_START_TIMEOUT:
+                    return  # starting
+            except FileNotFoundError:
+                pass
+            _remove_spare_files(base)  # a start that failed (a spare is taken by its .pid)
+            continue
+        except (ValueError, IndexError):
+            continue
+        if _monitor_of(_cmdline(pid)) == base + ".qmp":
+            return  # ready
+        _remove_spare_files(base)  # died
+    token = os.path.join(spare_dir, os.urandom(8).hex())
+    _spawned.append(_spawn_daemon(token + ".qmp", token + ".pid", token + ".log"))
+
+
+def stop_spares() -> None:
+    """Stop every spare daemon (ready or starting) and remove their files."""
+    spare_dir = _spare_dir()
+    if not os.path.isdir(spare_dir):
+        return  # keep_spare() never ran here since boot
+    for process in _spawned:
+        try:
+            process.wait(START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()  # its daemon, if it forked one, is found below
+            process.wait()
+    _spawned.clear()
+    for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit()):
+        monitor = _monitor_of(_cmdline(pid))
+        if monitor is not None and os.path.dirname(monitor) == spare_dir:
+            _kill(pid, lambda pid=pid, monitor=monitor: _monitor_of(_cmdline(pid)) == monitor)
+    for base in {os.path.join(spare_dir, name.rsplit(".", 1)[0])
+                 for name in os.listdir(spare_dir)}:
+        _remove_spare_files(base)
+
+
+def _remove_spare_files(base: str) -> None:
+    for suffix in (".qmp", ".pid", ".log"):
+        try:
+            os.unlink(base + suffix)
         except FileNotFoundError:
             pass
+
+
+def _launch(ident: str, image: str, fmt: str, cache: str, read_only: bool,
+            pass_fds: tuple[int, ...]) -> Server:
+    _check_free(ident)
+    socket_path, pid_path, log_path, _ = _paths(ident)
     argv = ["qemu-nbd", "--fork", "--persistent", "--socket", socket_path,
             "--pid-file", pid_path, "--format", fmt, f"--cache={cache}", "--discard=unmap"]
     if read_only:
@@ -180,6 +399,37 @@ def _tail(path: str, size: int = 1000) -> str:
         return f.read().decode(errors="replace").strip()
 
 
+def open_image(server: Server) -> int:
+    """A new fd on the server's own open file of its image (pidfd_getfd): an OFD lock taken
+    through it lasts exactly as long as the server keeps the image open."""
+    from ._ffi import lib
+
+    try:
+        pidfd = os.pidfd_open(server.pid)
+    except OSError as e:
+        raise NbdError(e.errno, f"server process {server.pid}: {e.strerror}",
+                       server.socket_path) from None
+    try:
+        if getattr(find_by_id(server.image_id), "pid", None) != server.pid:
+            raise NbdError(errno.ESRCH, f"server process {server.pid} is gone",
+                           server.socket_path)
+        fd_dir = f"/proc/{server.pid}/fd"
+        for name in os.listdir(fd_dir):
+            try:
+                st = os.stat(os.path.join(fd_dir, name))
+            except OSError:
+                continue
+            if f"{st.st_dev:x}-{st.st_ino:x}" == server.image_id:
+                fd = lib.fb_pidfd_getfd(pidfd, int(name))
+                if fd < 0:
+                    raise NbdError(-fd, f"pidfd_getfd: {os.strerror(-fd)}", server.socket_path)
+                return fd
+        raise NbdError(errno.ENOENT, f"server process {server.pid} has no image open",
+                       server.socket_path)
+    finally:
+        os.close(pidfd)
+
+
 def open_socket(server: Server) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -192,18 +442,32 @@ def open_socket(server: Server) -> socket.socket:
 
 def stop(server: Server, timeout: float = STOP_TIMEOUT) -> None:
     """Stop the server (SIGTERM, SIGKILL after *timeout*) and remove its files."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _alive(server.pid, server.socket_path):
-            break
-        os.kill(server.pid, sig)
-        deadline = time.monotonic() + timeout
-        while _alive(server.pid, server.socket_path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    else:
-        if _alive(server.pid, server.socket_path):
-            raise NbdError(errno.EBUSY, f"qemu-nbd {server.pid} survived SIGKILL",
-                           server.socket_path)
+    _kill(server.pid, lambda: getattr(find_by_id(server.image_id), "pid", None) == server.pid,
+          timeout)
     _remove_files(server.image_id)
+
+
+def _kill(pid: int, is_ours: Callable[[], bool], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM process *pid*, SIGKILL after *timeout*, and wait until it has ended (its files
+    closed, its image locks gone), if *is_ours()* says it is the process meant. Through a
+    pidfd, so that once checked the pid cannot be another process's."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not is_ours():
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                return
+            if select.select([pidfd], [], [], timeout)[0]:  # readable once it has ended
+                return
+        raise NbdError(errno.EBUSY, f"server process {pid} survived SIGKILL")
+    finally:
+        os.close(pidfd)
 
 
 def stop_by_id(ident: str) -> None:
@@ -217,7 +481,8 @@ def stop_by_id(ident: str) -> None:
 
 
 def _remove_files(ident: str) -> None:
-    for path in _paths(ident):
+    socket_path, pid_path, log_path, qmp_path = _paths(ident)
+    for path in (socket_path, pid_path, log_path, qmp_path, pid_path + ".new"):
         try:
             os.unlink(path)
         except FileNotFoundError:

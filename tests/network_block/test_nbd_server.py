@@ -1,7 +1,8 @@
-"""qemu-nbd servers started, found again and stopped by nbd.server, for real, on the host.
+"""NBD servers (qemu-storage-daemon, and qemu-nbd for named servers) started, found again and
+stopped by nbd.server, for real, on the host; spare daemons kept and taken.
 
-The servers run in a private RUN_DIR per test; every qemu-nbd a test started is killed at
-teardown, found by the socket path only that test uses.
+The servers run in a private RUN_DIR per test; every server a test started is killed at
+teardown, found by the paths only that test uses.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from helpers import wait_until
 MiB = 1 << 20
 
 
-def _qemu_nbd_serving(run_dir: str) -> list[int]:
+SERVER_PROGRAMS = (b"qemu-nbd", b"qemu-storage-daemon")
+
+
+def _serving(run_dir: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,7 +39,8 @@ def _qemu_nbd_serving(run_dir: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"qemu-nbd") and any(run_dir.encode() in a for a in argv):
+        if argv and os.path.basename(argv[0]) in SERVER_PROGRAMS and \
+                any(run_dir.encode() in a for a in argv):
             pids.append(int(entry))
     return pids
 
@@ -45,7 +50,9 @@ def run_dir(tmp_path, monkeypatch):
     path = str(tmp_path / "run")
     monkeypatch.setattr(server, "RUN_DIR", path)
     yield path
-    for pid in _qemu_nbd_serving(path):
+    for pid in _serving(path):
+        os.kill(pid, signal.SIGKILL)
+    for pid in _serving(path):  # a spare's first process may have started its daemon since
         os.kill(pid, signal.SIGKILL)
 
 
@@ -66,7 +73,7 @@ def test_start_find_handshake_stop(run_dir, tmp_path, fmt):
             assert handshake(sock).size == 64 * MiB
         server.stop(started)
         assert server.find(fd) is None
-        assert _qemu_nbd_serving(run_dir) == []
+        assert _serving(run_dir) == []
         assert os.listdir(run_dir) == []
     finally:
         os.close(fd)
@@ -74,21 +81,21 @@ def test_start_find_handshake_stop(run_dir, tmp_path, fmt):
 
 def test_files_of_a_dead_server_are_listed_and_removed(run_dir, tmp_path):
     """A server killed (or a stop() killed between the server's death and the removal of its
-    files) leaves its socket, pid file and log: list_ids finds them, stop_by_id removes them."""
+    files) leaves its sockets, pid file and log: list_ids finds them, stop_by_id removes them."""
     fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
     try:
         started = server.start(fd)
         assert server.list_ids() == [started.image_id]
         os.kill(started.pid, signal.SIGKILL)
-        assert wait_until(lambda: not _qemu_nbd_serving(run_dir))
+        assert wait_until(lambda: not _serving(run_dir))
         assert server.list_servers() == [] and server.list_ids() == [started.image_id]
-        assert len(os.listdir(run_dir)) == 3
+        assert len(os.listdir(run_dir)) == 4
         server.stop_by_id(started.image_id)
         assert server.list_ids() == [] and os.listdir(run_dir) == []
         # ... and a running one is stopped first.
         started = server.start(fd)
         server.stop_by_id(started.image_id)
-        assert _qemu_nbd_serving(run_dir) == [] and os.listdir(run_dir) == []
+        assert _serving(run_dir) == [] and os.listdir(run_dir) == []
     finally:
         os.close(fd)
 
@@ -130,7 +137,7 @@ def test_qcow2_naming_another_file_is_refused(run_dir, tmp_path):
     try:
         with pytest.raises(NbdError, match="refers to other files"):
             server.start(fd, fmt="qcow2")
-        assert _qemu_nbd_serving(run_dir) == []
+        assert _serving(run_dir) == []
     finally:
         os.close(fd)
 
@@ -161,7 +168,7 @@ def test_named_server_refuses_unsafe_names(run_dir, ident, filename):
     with pytest.raises(NbdError) as raised:
         server.start_named(ident, filename)
     assert raised.value.errno == errno.EINVAL
-    assert _qemu_nbd_serving(run_dir) == []
+    assert _serving(run_dir) == []
 
 
 def test_found_again_by_another_process_and_stdio_released(run_dir, tmp_path):
@@ -204,3 +211,140 @@ def test_bad_format_and_cache_mode(run_dir, tmp_path):
     finally:
         os.close(fd)
 
+
+
+def _spare_ready(run_dir: str) -> bool:
+    spares = os.path.join(run_dir, "spares")
+    return any(name.endswith(".pid") for name in os.listdir(spares))
+
+
+def test_start_takes_a_spare_and_keep_spare_starts_one_at_a_time(run_dir, tmp_path):
+    fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
+    try:
+        server.keep_spare()
+        server.keep_spare()  # one is starting: no second
+        assert wait_until(lambda: _spare_ready(run_dir))
+        server.keep_spare()  # one is ready: no second
+        assert len(_serving(run_dir)) == 1
+        spare_pid = _serving(run_dir)[0]
+        started = server.start(fd)
+        assert started.pid == spare_pid and server.find(fd) == started
+        assert os.listdir(os.path.join(run_dir, "spares")) == []
+        with server.open_socket(started) as sock:
+            assert handshake(sock).size == 64 * MiB
+        server.stop(started)
+        assert _serving(run_dir) == [] and os.listdir(run_dir) == ["spares"]
+    finally:
+        os.close(fd)
+
+
+def test_dead_spare_is_skipped_and_stop_spares_stops_them(run_dir, tmp_path):
+    fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
+    try:
+        server.keep_spare()
+        assert wait_until(lambda: _spare_ready(run_dir))
+        os.kill(_serving(run_dir)[0], signal.SIGKILL)
+        assert wait_until(lambda: not _serving(run_dir))
+        started = server.start(fd)  # the dead spare's files stay behind: a daemon of its own
+        assert server.find(fd) == started
+        server.stop(started)
+        server.keep_spare()  # the dead spare's files go, a new one starts
+        assert wait_until(lambda: _spare_ready(run_dir)) and len(_serving(run_dir)) == 1
+        server.stop_spares()
+        assert _serving(run_dir) == [] and os.listdir(os.path.join(run_dir, "spares")) == []
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_starts_share_out_one_spare(run_dir, tmp_path):
+    """Two processes start servers for two images while one spare is ready: one takes it, the
+    other starts a daemon of its own; both serve their own image."""
+    paths = []
+    for name, size in (("a", "16M"), ("b", "32M")):
+        (tmp_path / name).mkdir()
+        paths.append(_image(tmp_path / name, "raw", size))
+    server.keep_spare()
+    assert wait_until(lambda: _spare_ready(run_dir))
+    starter = textwrap.dedent(f"""
+        import os, sys
+        from nbd import server
+        server.RUN_DIR = {run_dir!r}
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        print(server.start(fd).pid, flush=True)
+    """)
+    starters = [subprocess.Popen([sys.executable, "-c", starter, path], stdout=subprocess.PIPE)
+                for path in paths]
+    pids = [int(p.communicate(timeout=60)[0]) for p in starters]
+    assert len(set(pids)) == 2
+    for path, size in zip(paths, (16, 32)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            found = server.find(fd)
+            with server.open_socket(found) as sock:
+                assert handshake(sock).size == size * MiB
+            server.stop(found)
+        finally:
+            os.close(fd)
+    assert _serving(run_dir) == []
+
+
+@pytest.mark.parametrize("cache", ["none", "writethrough", "directsync", "unsafe"])
+def test_cache_modes(run_dir, tmp_path, cache):
+    fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
+    try:
+        started = server.start(fd, cache=cache)
+        with server.open_socket(started) as sock:
+            assert handshake(sock).size == 64 * MiB
+        server.stop(started)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(params=["qemu-storage-daemon", "qemu-nbd"])
+def program(request, tmp_path, monkeypatch) -> str:
+    """The program start() runs for an image file: without qemu-storage-daemon (a node with
+    qemu-utils only, all the seed driver needed), qemu-nbd."""
+    if request.param == "qemu-nbd":
+        import shutil
+
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        for tool in ("qemu-nbd", "qemu-img"):
+            (bindir / tool).symlink_to(shutil.which(tool))
+        monkeypatch.setenv("PATH", str(bindir))
+    return request.param
+
+
+def test_a_lock_on_the_servers_open_image_lasts_as_long_as_the_server(run_dir, tmp_path,
+                                                                      program):
+    import loopctl
+
+    path = _image(tmp_path, "raw")
+    fd = os.open(path, os.O_RDWR)
+    other = os.open(path, os.O_RDWR)
+    try:
+        started = server.start(fd)
+        assert server.find(fd) == started and _serving(run_dir) == [started.pid]
+        with open(f"/proc/{started.pid}/comm", encoding="utf-8") as f:
+            assert f.read().strip() == program[:15]  # the kernel keeps 15 characters
+        held = server.open_image(started)
+        try:
+            assert os.fstat(held).st_ino == os.fstat(fd).st_ino
+            loopctl.lock_image(held, offset=1 << 62, length=1)
+        finally:
+            os.close(held)
+        # Our copy is closed: the server's open file still holds the lock.
+        with pytest.raises(loopctl.ImageBusy):
+            loopctl.lock_image(other, offset=1 << 62, length=1)
+        server.stop(started)
+        loopctl.lock_image(other, offset=1 << 62, length=1)
+        with pytest.raises(NbdError) as raised:
+            server.open_image(started)
+        assert raised.value.errno in (errno.ESRCH, errno.ENOENT)
+        assert _serving(run_dir) == [] and os.listdir(run_dir) == []
+        if program == "qemu-nbd":
+            server.keep_spare()  # nothing to keep ready for qemu-nbd
+            assert os.listdir(run_dir) == []
+    finally:
+        os.close(fd)
+        os.close(other)
