@@ -52,8 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.keep_running:
                 _wait_for_termination()
         elif args.command == "uninstall":
+            # Imported first: the uninstall removes the installed code this runs from.
+            from .backends import qemu_nbd
+
             for path in install.uninstall(args.plugin_dir):
                 print(f"removed {path}")
+            qemu_nbd.release_ready()  # no driver is left to take a spare server
         else:
             state = install.status(args.plugin_dir)
             print(f"current: {state.current}\nprevious: {state.previous}")

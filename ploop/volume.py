@@ -369,7 +369,8 @@ def attach(directory: str | os.PathLike, *, read_only: bool = False, method: str
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since open_volume looked
             raise PloopError(errno.EPERM, "image is not a regular file", volume.image_path)
         running = server.find(fd)  # left by an attach that died before connecting
-        if running is not None and running.read_only != read_only:
+        # (format None: killed before the server was configured)
+        if running is not None and (running.format is None or running.read_only != read_only):
             server.stop(running)
             running = None
         if running is None:

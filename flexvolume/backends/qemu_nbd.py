@@ -3,10 +3,12 @@ kernel NBD device (nbd_served: found again from the kernel, calls serialised per
 killed call's leftovers collected). The server's identity is the image's ``<dev>-<ino>``, and
 its device's backend identifier ``flexblock:<dev>-<ino>``.
 
-The image lock (``lock`` option) is one byte at LOCK_OFFSET, taken on the open file description
-that the server inherits, so it lasts exactly as long as the server. qemu's own locks (bytes
-100-300, shared, and they do not stop a second server) coexist with it; the whole-file lock of a
-loop attach conflicts with it, so the two backends exclude each other on a shared image.
+The image lock (``lock`` option) is one byte at LOCK_OFFSET. It is taken on the driver's own
+open file first, so a busy image is refused before any server opens it, then moved onto the
+server's open file of the image (nbd.server.open_image), so it lasts exactly as long as the
+server. qemu's own locks (bytes 100-300, shared, and they do not stop a second server of a raw
+image) coexist with it; the whole-file lock of a loop attach conflicts with it, so the two
+backends exclude each other on a shared image.
 """
 
 from __future__ import annotations
@@ -53,12 +55,44 @@ def attach(image_fd: int, *, read_only: bool, lock: bool, image_format: str = "r
         if lock:
             lock_image(image_fd, read_only=read_only, path=path)
         try:
-            return server.start(image_fd, fmt=image_format, read_only=read_only)
+            running = server.start(image_fd, fmt=image_format, read_only=read_only)
         except nbd.NbdError as e:
             raise DriverError(f"serving {path}: {e.strerror}") from None
+        if lock:
+            try:
+                _move_lock(image_fd, running, read_only=read_only, path=path)
+            except BaseException:
+                server.stop(running)
+                raise
+        return running
 
     index, claim_fd = FAMILY.connect(ident, start, path)
     return ImageVolume(index, ident, claim_fd)
+
+
+def _move_lock(image_fd: int, running: server.Server, *, read_only: bool, path: str) -> None:
+    """Move the image lock from our open file onto the server's. The two are different
+    open file descriptions, whose locks conflict: ours goes first. A node that takes the lock
+    in between is refused by neither, so this node gives up (ImageBusy)."""
+    try:
+        held = server.open_image(running)
+    except nbd.NbdError as e:
+        raise DriverError(f"serving {path}: {e.strerror}") from None
+    try:
+        loopctl.unlock_image(image_fd)
+        lock_image(held, read_only=read_only, path=path)
+    finally:
+        os.close(held)
+
+
+def keep_ready() -> None:
+    """After a mount: a spare server ready for the next one (nbd.server.keep_spare)."""
+    server.keep_spare()
+
+
+def release_ready() -> None:
+    """Stop what keep_ready() keeps (at uninstall)."""
+    server.stop_spares()
 
 
 def device_for(mount: MountEntry) -> ImageVolume | None:

@@ -4,7 +4,8 @@ files) that tell whether a test's volumes are all released.
 
 The `nbd_kubelet` fixture's teardown unmounts what a test mounted from an NBD device,
 disconnects every device whose backend identifier names an image under the test's share, and
-stops those images' servers: nothing else on the machine is touched.
+stops those images' servers and, in the VM lane, the spare servers mounts left: nothing else on
+the machine is touched.
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ def server_files(share) -> list[str]:
     return sorted(n for n in names if n.rsplit(".", 1)[0] in idents)
 
 
+def server_pids() -> set[int]:
+    """Every NBD server process on the machine: qemu-nbd and qemu-storage-daemon (whose comm
+    the kernel cuts to 15 characters), spares included."""
+    pids = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/comm", encoding="utf-8") as f:
+                if f.read().strip() in ("qemu-nbd", "qemu-storage-da"):
+                    pids.add(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
 def assert_nothing_left(share) -> None:
     assert wait_until(lambda: ours(share) == ({}, [])), f"left behind: {ours(share)}"
     assert server_files(share) == [], f"files of stopped servers left in {server.RUN_DIR}"
@@ -80,3 +95,7 @@ def nbd_kubelet(kubelet, share):
         nbd.wait_disconnected(index)
     for srv in servers:
         server.stop(srv)
+    if os.environ.get("FLEXBLOCK_VM_LANE") == "1":
+        # The spare server a mount leaves for the next one (server.keep_spare): in the VM
+        # every one of them is a test's.
+        server.stop_spares()

@@ -1,7 +1,7 @@
 """The qemu-nbd driver SIGKILLed at each step of mount and unmount, then called again as kubelet
 does, on the real kernel NBD of the lane's VM: the retry must succeed, the data written before
 the kill must be intact, and once the volume is unmounted nothing may be left: no NBD device
-connected, no qemu-nbd server or its files, no mount, no temporary image on the share.
+connected, no server or its files, no mount, no temporary image on the share.
 
 Unlike a loop device, what the killed call made (a server, a connected device) outlives it by
 design; the next call for the image, or any unmount, must tear it down. The kills come right
@@ -19,27 +19,16 @@ import signal
 import pytest
 
 import nbd
+from nbd import server
 
 from kubelet import (Pod, assert_released, call_killed, checksum, image_path,  # noqa: F401
                      kill_mount, kubelet, make_volume, new_volume, retry_mount, run, share,
                      temp_images, wait_until, write_data)
 from nbd_volumes import (DRIVER, assert_nothing_left, nbd_kubelet, ours,  # noqa: F401
-                         server_files)
+                         server_files, server_pids)
 from vm.lane import vm_only
 
 pytestmark = [pytest.mark.vm, vm_only]
-
-
-def qemu_nbd_pids() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/comm", encoding="utf-8") as f:
-                if f.read().strip() == "qemu-nbd":
-                    pids.add(int(entry))
-        except (OSError, ValueError):
-            pass
-    return pids
 
 
 def connected() -> set[int]:
@@ -48,12 +37,15 @@ def connected() -> set[int]:
 
 @pytest.fixture
 def node(nbd_kubelet, share):
-    """No NBD device connected and no qemu-nbd running after the test that were not before it
-    (the lane runs one test at a time, so what is new is the test's)."""
-    devices, pids = connected(), qemu_nbd_pids()
+    """No NBD device connected and no server running after the test that were not before it
+    (the lane runs one test at a time, so what is new is the test's). No spare server either,
+    before or after: a mount killed at the server's start must start one."""
+    server.stop_spares()
+    devices, pids = connected(), server_pids()
     yield
+    server.stop_spares()
     assert connected() - devices == set(), "an NBD device is left connected"
-    assert qemu_nbd_pids() - pids == set(), "a qemu-nbd is left running"
+    assert server_pids() - pids == set(), "a server is left running"
 
 
 _templates: dict[str, tuple[str, str]] = {}
@@ -91,7 +83,8 @@ def check_image(share, image_format: str) -> None:
 # same device, server and mount as "attach" and "mount" here. Every step that starts, connects
 # or tears down a server or device runs here, raw; qcow2 adds the tools only it runs.
 MOUNT_STEPS = {
-    ("raw", "new"): ["tool:mkfs.ext4", "publish", "tool:qemu-nbd", "serve", "attach", "mount"],
+    ("raw", "new"): ["tool:mkfs.ext4", "publish", "tool:qemu-storage-daemon", "serve", "attach",
+                     "mount"],
     ("raw", "existing"): ["tool:fsck.ext4", "prepare", "fs-group"],
     ("raw", "blank"): ["tool:mkfs.ext4"],  # on the device, with the formatting mark set
     ("qcow2", "new"): ["tool:qemu-img:convert", "mkfs", "tool:qemu-img:info"],
