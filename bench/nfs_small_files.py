@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from nbd import server
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "driver")]
 from kubelet import Kubelet, Pod, release_everything  # noqa: E402
@@ -210,6 +212,7 @@ def run_all(root: Path, args) -> dict:
         finally:
             problems = release_everything(root / "kubelet") + \
                 release_everything(node.mount, node.mount)
+            server.stop_spares()  # the one the qemu-nbd driver's last mount left
             if problems:
                 print("bench: cleanup: " + "; ".join(problems), file=sys.stderr)
     return results

@@ -1,12 +1,12 @@
 """NBD servers for image files, one process per image: started as daemons on a unix socket,
 found again by a later process (the driver exits between kubelet's calls), and stopped.
 
-An image file is served by a qemu-storage-daemon that start() configures over QMP (by a
-qemu-nbd where there is no qemu-storage-daemon); a server for a qemu protocol filename
-(start_named, e.g. sheepdog) is a qemu-nbd. Starting either
-process is most of what serving an image costs (about 250 ms of exec and dynamic linking under
-TCG, as much as the whole of ``qemu-nbd -c``), so keep_spare() has an idle daemon started in
-the background, and the next start() takes it and only sends it the image's configuration.
+Starting the server process is most of what serving an image costs: about 250 ms of exec and
+dynamic linking of qemu-nbd under TCG, nearly as much as the whole of ``qemu-nbd -c``. So
+keep_spare() has an idle qemu-storage-daemon started in the background, and the next start()
+takes it and only sends it the image's configuration over QMP; with no spare ready, start()
+runs a qemu-nbd, which costs less than starting a daemon and then configuring it. A server for
+a qemu protocol filename (start_named, e.g. sheepdog) is a qemu-nbd.
 
 A server is named after its image's identity (device and inode), so every process finds the
 same one, and its sockets and pid file live under RUN_DIR (a tmpfs: they vanish with a reboot,
@@ -93,7 +93,7 @@ def find(fd: int) -> Server | None:
 
 def find_by_id(ident: str) -> Server | None:
     """The running server for the image with identity *ident* (see image_id), if any."""
-    socket_path, pid_path, _, qmp_path = _paths(ident)
+    socket_path, pid_path, _, _ = _paths(ident)
     try:
         with open(pid_path, encoding="ascii") as f:
             fields = f.read().split()
@@ -106,8 +106,8 @@ def find_by_id(ident: str) -> Server | None:
         if monitor is None or os.path.basename(monitor) != fields[1] + ".qmp":
             return None
         return Server(pid, socket_path, ident, fields[2], fields[3] == "ro")
-    if monitor is not None:  # qemu wrote it: a daemon being set up for ident
-        taken = monitor == qmp_path or os.path.dirname(monitor) == _spare_dir()
+    if monitor is not None:  # qemu wrote it: a spare taken for ident, not configured yet
+        taken = os.path.dirname(monitor) == _spare_dir()
         return Server(pid, socket_path, ident, None, False) if taken else None
     if not argv or os.path.basename(argv[0]) != b"qemu-nbd" or socket_path.encode() not in argv:
         return None
@@ -162,20 +162,23 @@ def start(fd: int, *, fmt: str = "raw", cache: str = "writeback",
           read_only: bool = False) -> Server:
     """Serve the image open as *fd* (the server opens it through /proc/PID/fd of this
     process, so a path checked by the caller cannot be swapped) with discards passed down to
-    the file. A spare daemon (keep_spare) is taken if one is ready."""
+    the file: by a spare daemon (keep_spare) if one is ready, else by a qemu-nbd started now
+    (which costs less than starting a daemon, then configuring it)."""
     _check_settings(fmt, cache)
     filename = f"/proc/{os.getpid()}/fd/{fd}"
     _check_image(filename, fmt)
     ident = image_id(fd)
-    if shutil.which(DAEMON) is None:  # a node with qemu-utils only, as the seed driver needed
-        return _launch(ident, f"/proc/self/fd/{fd}", fmt, cache, read_only, (fd,))
     _check_free(ident)
-    socket_path, pid_path, log_path, qmp_path = _paths(ident)
-    pid, token = _take_spare(ident) or _start_daemon(ident)
+    taken = _take_spare(ident)
+    if taken is None:
+        return _launch(ident, f"/proc/self/fd/{fd}", fmt, cache, read_only, (fd,))
+    pid, token = taken
+    socket_path, pid_path, _, qmp_path = _paths(ident)
     try:
-        _write_record(pid_path, f"{pid} {token} {fmt} {'ro' if read_only else 'rw'}\n")
         with qmp.Monitor(qmp_path) as monitor:
             _export(monitor, filename, fmt, cache, read_only, socket_path)
+        # Recorded once configured: until then find() reports the daemon with format None.
+        _write_record(pid_path, f"{pid} {token} {fmt} {'ro' if read_only else 'rw'}\n")
     except BaseException as e:
         stop_by_id(ident)
         if isinstance(e, NbdError) and e.errno == errno.EIO:
@@ -196,6 +199,7 @@ def start_named(ident: str, filename: str, *, fmt: str = "raw", cache: str = "wr
         raise NbdError(errno.EINVAL, f"{filename!r} is not a qemu filename")
     _check_settings(fmt, cache)
     _check_image(filename, fmt)
+    _check_free(ident)
     return _launch(ident, filename, fmt, cache, read_only, ())
 
 
@@ -205,8 +209,6 @@ def _check_free(ident: str) -> None:
     if running is not None:
         raise NbdError(errno.EBUSY, f"already served by process {running.pid}",
                        running.socket_path)
-    if "," in RUN_DIR:  # qemu's option syntax would split the daemon's socket path there
-        raise NbdError(errno.EINVAL, "RUN_DIR must not contain a comma", RUN_DIR)
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
     _remove_files(ident)
 
@@ -259,24 +261,6 @@ def _spawn_daemon(qmp_path: str, pid_path: str, log_path: str) -> subprocess.Pop
                            "(Debian: qemu-system-common)") from None
 
 
-def _start_daemon(ident: str) -> tuple[int, str]:
-    """A daemon started for *ident* now (no spare was ready): its pid and token."""
-    _, pid_path, log_path, qmp_path = _paths(ident)
-    process = _spawn_daemon(qmp_path, pid_path, log_path)
-    try:
-        status = process.wait(START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        status = None
-    taken = find_by_id(ident)
-    if status != 0 or taken is None:
-        error = NbdError(errno.EIO, f"qemu-storage-daemon failed: {_tail(log_path)}", qmp_path)
-        stop_by_id(ident)
-        raise error
-    return taken.pid, ident
-
-
 def _take_spare(ident: str) -> tuple[int, str] | None:
     """Take a ready spare for *ident*, its pid and token: its QMP socket is renamed first,
     which only one caller can do, then its log and pid file."""
@@ -314,6 +298,8 @@ def keep_spare() -> None:
     _spawned[:] = [process for process in _spawned if process.poll() is None]
     if shutil.which(DAEMON) is None:
         return  # start() runs qemu-nbd
+    if "," in RUN_DIR:  # qemu's option syntax would split the daemon's socket path there
+        raise NbdError(errno.EINVAL, "RUN_DIR must not contain a comma", RUN_DIR)
     spare_dir = _spare_dir()
     os.makedirs(spare_dir, mode=0o700, exist_ok=True)
     now = time.time()
@@ -370,7 +356,7 @@ def _remove_spare_files(base: str) -> None:
 
 def _launch(ident: str, image: str, fmt: str, cache: str, read_only: bool,
             pass_fds: tuple[int, ...]) -> Server:
-    _check_free(ident)
+    """A qemu-nbd serving *image* as *ident*, started now."""
     socket_path, pid_path, log_path, _ = _paths(ident)
     argv = ["qemu-nbd", "--fork", "--persistent", "--socket", socket_path,
             "--pid-file", pid_path, "--format", fmt, f"--cache={cache}", "--discard=unmap"]

@@ -47,6 +47,9 @@ def assert_nothing_left(share) -> None:
 @pytest.fixture
 def ploop_kubelet(kubelet, share):
     kubelet.install(DRIVER, ALIAS)
+    # A spare server another driver's mount left (in the VM every one is a test's) would serve
+    # instead of the qemu-nbd the kills here wait for.
+    server.stop_spares()
     yield kubelet
     for target in sorted((m["target"] for m in nbd_mounts()), key=len, reverse=True):
         if target.startswith(str(share.parent)):
@@ -161,9 +164,8 @@ def test_expandfs_is_refused(ploop_kubelet, share):
 
 # -- killed between server start, connect and mount --------------------------------------------
 def qemu_nbds(ident: str) -> list[int]:
-    """Every server process serving image *ident*, whatever its pid file says: a qemu-nbd by
-    its socket's name, a qemu-storage-daemon started for it by its monitor's, one taken from
-    the spares by the pid its record names."""
+    """Every qemu-nbd process serving image *ident* (found by its socket's name), whatever
+    its pid file says."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -171,11 +173,9 @@ def qemu_nbds(ident: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if os.path.basename(argv[0]) in (b"qemu-nbd", b"qemu-storage-daemon") and \
-                any(ident.encode() in a for a in argv):
+        if os.path.basename(argv[0]) == b"qemu-nbd" and any(ident.encode() in a for a in argv):
             found.append(int(pid))
-    taken = server.find_by_id(ident)
-    return sorted({*found, *([taken.pid] if taken else [])})
+    return found
 
 
 def nbd_devices(ident: str) -> list[int]:
@@ -184,8 +184,7 @@ def nbd_devices(ident: str) -> list[int]:
 
 def after_tool(tmp_path, tool: str) -> str:
     """A PATH entry where *tool* runs to its end, then SIGKILLs its parent (the driver): for
-    qemu-storage-daemon --daemonize, the driver dies with the server started, not yet told
-    what to serve, and nothing connected to it."""
+    qemu-nbd --fork, the driver dies with the server started and nothing connected to it."""
     bindir = tmp_path / f"after-{tool}"
     bindir.mkdir()
     real = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
@@ -196,10 +195,9 @@ def after_tool(tmp_path, tool: str) -> str:
 
 
 def kill_mount(kubelet, tmp_path, pod, user, point: str) -> None:
-    """A mount SIGKILLed at *point*: after the server's daemon started ("qemu-storage-daemon"),
-    after the device was connected ("attach"), after the filesystem was checked, before
-    mount(2) ("prepare")."""
-    env = ({"PATH": after_tool(tmp_path, point)} if point == "qemu-storage-daemon"
+    """A mount SIGKILLed at *point*: after qemu-nbd started ("qemu-nbd"), after the device
+    was connected ("attach"), after the filesystem was checked, before mount(2) ("prepare")."""
+    env = ({"PATH": after_tool(tmp_path, "qemu-nbd")} if point == "qemu-nbd"
            else {_faultpoint.ENV: point})
     target = kubelet.pod_dir(pod, driver=DRIVER)
     kubelet.prepare_for_mount(target)
@@ -211,7 +209,7 @@ def kill_mount(kubelet, tmp_path, pod, user, point: str) -> None:
     os.rmdir(target)  # kubelet after a failed mount
 
 
-KILL_POINTS = ["qemu-storage-daemon", "attach", "prepare"]
+KILL_POINTS = ["qemu-nbd", "attach", "prepare"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -227,7 +225,7 @@ def test_unmount_of_another_volume_collects_a_killed_mounts_leftovers(ploop_kube
 
     kill_mount(ploop_kubelet, tmp_path, pod, user, point)
     assert qemu_nbds(ident), "the kill left no server: it missed its window"
-    assert bool(nbd_devices(ident)) == (point != "qemu-storage-daemon")
+    assert bool(nbd_devices(ident)) == (point != "qemu-nbd")
 
     assert ploop_kubelet.unmount(other, driver=DRIVER).status == "Success"
     assert qemu_nbds(ident) == [] and nbd_devices(ident) == []
@@ -243,30 +241,19 @@ def test_unmount_of_another_volume_collects_a_killed_mounts_leftovers(ploop_kube
 
 
 def test_a_retry_takes_over_the_server_of_a_killed_mount(ploop_kubelet, share, tmp_path):
-    """A mount killed after its server was configured, before it connected, leaves a server
-    the retry connects to; one killed before it was configured leaves a daemon the retry
-    replaces."""
     pod, user = Pod("web"), seed_volume(share)
     assert ploop_kubelet.mount(pod, user, driver=DRIVER).status == "Success"
     before = write_data(ploop_kubelet.pod_dir(pod, driver=DRIVER))
     assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
-    image = ploop.open_volume(share / user["volumeId"]).image_path
-    ident = image_id(image)
-    fd = os.open(image, os.O_RDWR)
-    try:  # what a driver killed between server.start and the connect leaves
-        left = [server.start(fd, fmt="parallels").pid]
-    finally:
-        os.close(fd)
-    for takes_over in (True, False):
-        assert qemu_nbds(ident) == left and nbd_devices(ident) == []
-        reply = ploop_kubelet.mount(pod, user, driver=DRIVER)
-        assert reply.status == "Success", reply.message
-        assert (qemu_nbds(ident) == left) == takes_over and len(nbd_devices(ident)) == 1
-        assert checksum(reply.target / "data.bin") == before
-        assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
-        assert qemu_nbds(ident) == [] and nbd_devices(ident) == []
-        assert_nothing_left(share)
-        if takes_over:
-            kill_mount(ploop_kubelet, tmp_path, pod, user, "qemu-storage-daemon")
-            left = qemu_nbds(ident)
-            assert len(left) == 1
+    ident = image_id(ploop.open_volume(share / user["volumeId"]).image_path)
+    kill_mount(ploop_kubelet, tmp_path, pod, user, "qemu-nbd")
+    left = qemu_nbds(ident)
+    assert len(left) == 1 and nbd_devices(ident) == []
+
+    reply = ploop_kubelet.mount(pod, user, driver=DRIVER)
+    assert reply.status == "Success", reply.message
+    assert qemu_nbds(ident) == left and len(nbd_devices(ident)) == 1
+    assert checksum(reply.target / "data.bin") == before
+    assert ploop_kubelet.unmount(pod, driver=DRIVER).status == "Success"
+    assert qemu_nbds(ident) == [] and nbd_devices(ident) == []
+    assert_nothing_left(share)

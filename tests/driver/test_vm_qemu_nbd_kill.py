@@ -39,7 +39,7 @@ def connected() -> set[int]:
 def node(nbd_kubelet, share):
     """No NBD device connected and no server running after the test that were not before it
     (the lane runs one test at a time, so what is new is the test's). No spare server either,
-    before or after: a mount killed at the server's start must start one."""
+    before or after: a test that wants one makes it."""
     server.stop_spares()
     devices, pids = connected(), server_pids()
     yield
@@ -83,8 +83,7 @@ def check_image(share, image_format: str) -> None:
 # same device, server and mount as "attach" and "mount" here. Every step that starts, connects
 # or tears down a server or device runs here, raw; qcow2 adds the tools only it runs.
 MOUNT_STEPS = {
-    ("raw", "new"): ["tool:mkfs.ext4", "publish", "tool:qemu-storage-daemon", "serve", "attach",
-                     "mount"],
+    ("raw", "new"): ["tool:mkfs.ext4", "publish", "tool:qemu-nbd", "serve", "attach", "mount"],
     ("raw", "existing"): ["tool:fsck.ext4", "prepare", "fs-group"],
     ("raw", "blank"): ["tool:mkfs.ext4"],  # on the device, with the formatting mark set
     ("qcow2", "new"): ["tool:qemu-img:convert", "mkfs", "tool:qemu-img:info"],
@@ -92,11 +91,22 @@ MOUNT_STEPS = {
 }
 
 
-@pytest.mark.parametrize("image_format,volume,fault",
-                         [(*key, f) for key, steps in MOUNT_STEPS.items() for f in steps])
+# The steps that differ when the mount takes a spare server (nbd.server.keep_spare) instead
+# of starting a qemu-nbd: its server is configured over QMP ("serve"), then connected.
+SPARE_STEPS = ["serve", "attach"]
+
+
+@pytest.mark.parametrize("image_format,volume,fault,spare",
+                         [(*key, f, False) for key, steps in MOUNT_STEPS.items() for f in steps]
+                         + [("raw", "new", f, True) for f in SPARE_STEPS])
 def test_mount_killed_at_each_step_then_retried(nbd_kubelet, share, node, tmp_path,
-                                                tmp_path_factory, image_format, volume, fault):
+                                                tmp_path_factory, image_format, volume, fault,
+                                                spare):
     options = new_volume(share, mmp="false", format=image_format)
+    if spare:
+        server.keep_spare()
+        spares = os.path.join(server.RUN_DIR, "spares")
+        assert wait_until(lambda: any(n.endswith(".pid") for n in os.listdir(spares)))
     if fault == "tool:fsck.ext4":
         options["fsckOptions"] = "pf"  # e2fsck runs on a clean volume too
     digest = None
@@ -108,6 +118,8 @@ def test_mount_killed_at_each_step_then_retried(nbd_kubelet, share, node, tmp_pa
             f.truncate(30 << 20)
     pod = Pod("web")
     kill_mount(nbd_kubelet, tmp_path, pod, options, fault, driver=DRIVER)
+    if spare:
+        assert os.listdir(spares) == [], "the killed mount did not take the spare"
     reply = retry_mount(nbd_kubelet, pod, options, fault, digest, driver=DRIVER,
                         device="/dev/nbd")
     assert len(ours(share)[0]) == 1, f"after a kill at {fault}: {ours(share)}"

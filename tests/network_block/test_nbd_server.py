@@ -62,11 +62,37 @@ def _image(tmp_path, fmt: str, size: str = "64M") -> str:
     return path
 
 
+def _spare_ready(run_dir: str) -> bool:
+    spares = os.path.join(run_dir, "spares")
+    return any(name.endswith(".pid") for name in os.listdir(spares))
+
+
+@pytest.fixture(params=["qemu-storage-daemon", "qemu-nbd"])
+def program(request, run_dir) -> str:
+    """What the next start() serves the image with: the spare qemu-storage-daemon made ready
+    here, or, with no spare ready, a qemu-nbd of its own."""
+    if request.param == "qemu-storage-daemon":
+        server.keep_spare()
+        assert wait_until(lambda: _spare_ready(run_dir))
+    return request.param
+
+
+def _assert_runs(started: server.Server, program: str) -> None:
+    with open(f"/proc/{started.pid}/comm", encoding="utf-8") as f:
+        assert f.read().strip() == program[:15]  # the kernel keeps 15 characters
+
+
+def _files(run_dir: str) -> list[str]:
+    """What the servers left in RUN_DIR (the spares' directory aside)."""
+    return sorted(name for name in os.listdir(run_dir) if name != "spares")
+
+
 @pytest.mark.parametrize("fmt", ["raw", "qcow2", "parallels"])
-def test_start_find_handshake_stop(run_dir, tmp_path, fmt):
+def test_start_find_handshake_stop(run_dir, tmp_path, fmt, program):
     fd = os.open(_image(tmp_path, fmt), os.O_RDWR)
     try:
         started = server.start(fd, fmt=fmt)
+        _assert_runs(started, program)
         assert server.find(fd) == started
         assert started.format == fmt and not started.read_only
         with server.open_socket(started) as sock:
@@ -74,7 +100,7 @@ def test_start_find_handshake_stop(run_dir, tmp_path, fmt):
         server.stop(started)
         assert server.find(fd) is None
         assert _serving(run_dir) == []
-        assert os.listdir(run_dir) == []
+        assert _files(run_dir) == []
     finally:
         os.close(fd)
 
@@ -89,7 +115,7 @@ def test_files_of_a_dead_server_are_listed_and_removed(run_dir, tmp_path):
         os.kill(started.pid, signal.SIGKILL)
         assert wait_until(lambda: not _serving(run_dir))
         assert server.list_servers() == [] and server.list_ids() == [started.image_id]
-        assert len(os.listdir(run_dir)) == 4
+        assert len(os.listdir(run_dir)) == 3
         server.stop_by_id(started.image_id)
         assert server.list_ids() == [] and os.listdir(run_dir) == []
         # ... and a running one is stopped first.
@@ -114,10 +140,11 @@ def test_second_server_for_one_image_is_refused(run_dir, tmp_path):
         os.close(other)
 
 
-def test_read_only_export(run_dir, tmp_path):
+def test_read_only_export(run_dir, tmp_path, program):
     fd = os.open(_image(tmp_path, "raw"), os.O_RDONLY)
     try:
         started = server.start(fd, read_only=True)
+        _assert_runs(started, program)
         assert server.find(fd).read_only
         with server.open_socket(started) as sock:
             assert handshake(sock).flags & 2  # NBD_FLAG_READ_ONLY
@@ -213,11 +240,6 @@ def test_bad_format_and_cache_mode(run_dir, tmp_path):
 
 
 
-def _spare_ready(run_dir: str) -> bool:
-    spares = os.path.join(run_dir, "spares")
-    return any(name.endswith(".pid") for name in os.listdir(spares))
-
-
 def test_start_takes_a_spare_and_keep_spare_starts_one_at_a_time(run_dir, tmp_path):
     fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
     try:
@@ -245,7 +267,7 @@ def test_dead_spare_is_skipped_and_stop_spares_stops_them(run_dir, tmp_path):
         assert wait_until(lambda: _spare_ready(run_dir))
         os.kill(_serving(run_dir)[0], signal.SIGKILL)
         assert wait_until(lambda: not _serving(run_dir))
-        started = server.start(fd)  # the dead spare's files stay behind: a daemon of its own
+        started = server.start(fd)  # the dead spare's files stay behind: a qemu-nbd
         assert server.find(fd) == started
         server.stop(started)
         server.keep_spare()  # the dead spare's files go, a new one starts
@@ -289,30 +311,16 @@ def test_concurrent_starts_share_out_one_spare(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("cache", ["none", "writethrough", "directsync", "unsafe"])
-def test_cache_modes(run_dir, tmp_path, cache):
+def test_cache_modes(run_dir, tmp_path, cache, program):
     fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
     try:
         started = server.start(fd, cache=cache)
+        _assert_runs(started, program)
         with server.open_socket(started) as sock:
             assert handshake(sock).size == 64 * MiB
         server.stop(started)
     finally:
         os.close(fd)
-
-
-@pytest.fixture(params=["qemu-storage-daemon", "qemu-nbd"])
-def program(request, tmp_path, monkeypatch) -> str:
-    """The program start() runs for an image file: without qemu-storage-daemon (a node with
-    qemu-utils only, all the seed driver needed), qemu-nbd."""
-    if request.param == "qemu-nbd":
-        import shutil
-
-        bindir = tmp_path / "bin"
-        bindir.mkdir()
-        for tool in ("qemu-nbd", "qemu-img"):
-            (bindir / tool).symlink_to(shutil.which(tool))
-        monkeypatch.setenv("PATH", str(bindir))
-    return request.param
 
 
 def test_a_lock_on_the_servers_open_image_lasts_as_long_as_the_server(run_dir, tmp_path,
@@ -325,8 +333,7 @@ def test_a_lock_on_the_servers_open_image_lasts_as_long_as_the_server(run_dir, t
     try:
         started = server.start(fd)
         assert server.find(fd) == started and _serving(run_dir) == [started.pid]
-        with open(f"/proc/{started.pid}/comm", encoding="utf-8") as f:
-            assert f.read().strip() == program[:15]  # the kernel keeps 15 characters
+        _assert_runs(started, program)
         held = server.open_image(started)
         try:
             assert os.fstat(held).st_ino == os.fstat(fd).st_ino
@@ -341,10 +348,58 @@ def test_a_lock_on_the_servers_open_image_lasts_as_long_as_the_server(run_dir, t
         with pytest.raises(NbdError) as raised:
             server.open_image(started)
         assert raised.value.errno in (errno.ESRCH, errno.ENOENT)
-        assert _serving(run_dir) == [] and os.listdir(run_dir) == []
-        if program == "qemu-nbd":
-            server.keep_spare()  # nothing to keep ready for qemu-nbd
-            assert os.listdir(run_dir) == []
+        assert _serving(run_dir) == [] and _files(run_dir) == []
     finally:
         os.close(fd)
         os.close(other)
+
+
+def test_no_spare_without_qemu_storage_daemon(run_dir, tmp_path, monkeypatch):
+    """A node with qemu-utils only (all the seed driver needed): nothing to keep ready, and
+    every start() runs a qemu-nbd."""
+    import shutil
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("qemu-nbd", "qemu-img"):
+        (bindir / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", str(bindir))
+    server.keep_spare()
+    assert not os.path.exists(run_dir) and _serving(run_dir) == []
+
+
+def test_a_spare_taken_but_not_configured_is_found_and_stopped(run_dir, tmp_path):
+    """A start() killed after it took the spare, before the daemon was configured, leaves the
+    daemon under the image's name without a record: find() reports it with format None (so
+    that a caller replaces it rather than connecting to it), stop() ends it."""
+    server.keep_spare()
+    assert wait_until(lambda: _spare_ready(run_dir))
+    spare_pid = _serving(run_dir)[0]
+    path = _image(tmp_path, "raw")
+    # The starter stops in the configuration, where a kill is to land (a test seam).
+    starter = textwrap.dedent(f"""
+        import os, time
+        from nbd import server
+        server.RUN_DIR = {run_dir!r}
+        server._export = lambda *args: (print("configuring", flush=True), time.sleep(60))
+        server.start(os.open({path!r}, os.O_RDWR))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"configuring\n"
+    finally:
+        proc.kill()
+        proc.communicate()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        found = server.find(fd)
+        assert found is not None and found.pid == spare_pid and found.format is None
+        with pytest.raises(NbdError, match="already served"):
+            server.start(fd)
+        server.stop(found)
+        assert _serving(run_dir) == [] and _files(run_dir) == []
+        started = server.start(fd)
+        assert started.format == "raw" and server.find(fd) == started
+        server.stop(started)
+    finally:
+        os.close(fd)
