@@ -43,8 +43,9 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 # start() and find(): a running server and the image it serves (format None: a daemon taken
-# for the image by a start() that has not recorded its settings yet)
-Server = collections.namedtuple("Server", "pid socket_path image_id format read_only")
+# for the image by a start() that has not recorded its settings yet); program: "qemu-nbd"
+# (which inherited the caller's open file of the image) or DAEMON
+Server = collections.namedtuple("Server", "pid socket_path image_id format read_only program")
 # Spares live this long without a pid file before keep_spare() takes them for failed starts.
 SPARE_START_TIMEOUT = START_TIMEOUT
 _spawned: list[subprocess.Popen] = []  # spares started by keep_spare(), reaped later
@@ -105,15 +106,15 @@ def find_by_id(ident: str) -> Server | None:
     if len(fields) == 4:  # a daemon's record: pid, token, format, rw/ro
         if monitor is None or os.path.basename(monitor) != fields[1] + ".qmp":
             return None
-        return Server(pid, socket_path, ident, fields[2], fields[3] == "ro")
+        return Server(pid, socket_path, ident, fields[2], fields[3] == "ro", DAEMON)
     if monitor is not None:  # qemu wrote it: a spare taken for ident, not configured yet
         taken = os.path.dirname(monitor) == _spare_dir()
-        return Server(pid, socket_path, ident, None, False) if taken else None
+        return Server(pid, socket_path, ident, None, False, DAEMON) if taken else None
     if not argv or os.path.basename(argv[0]) != b"qemu-nbd" or socket_path.encode() not in argv:
         return None
     args = [a.decode(errors="replace") for a in argv]
     fmt = args[args.index("--format") + 1] if "--format" in args else "raw"
-    return Server(pid, socket_path, ident, fmt, "--read-only" in args)
+    return Server(pid, socket_path, ident, fmt, "--read-only" in args, "qemu-nbd")
 
 
 def list_servers() -> list[Server]:
@@ -185,7 +186,7 @@ def start(fd: int, *, fmt: str = "raw", cache: str = "writeback",
             raise NbdError(errno.EIO, f"qemu-storage-daemon refused the image: {e.strerror}",
                            socket_path) from None
         raise
-    return Server(pid, socket_path, ident, fmt, read_only)
+    return Server(pid, socket_path, ident, fmt, read_only, DAEMON)
 
 
 def start_named(ident: str, filename: str, *, fmt: str = "raw", cache: str = "writeback",
@@ -296,7 +297,7 @@ def keep_spare() -> None:
     started in the background if there is none (this returns at once). The spare stays
     until a start() takes it, stop_spares(), or a reboot."""
     _spawned[:] = [process for process in _spawned if process.poll() is None]
-    if shutil.which(DAEMON) is None:
+    if shutil.which(DAEMON) is None or not _can_copy_fds():
         return  # start() runs qemu-nbd
     if "," in RUN_DIR:  # qemu's option syntax would split the daemon's socket path there
         raise NbdError(errno.EINVAL, "RUN_DIR must not contain a comma", RUN_DIR)
@@ -323,6 +324,14 @@ def keep_spare() -> None:
         _remove_spare_files(base)  # died
     token = os.path.join(spare_dir, os.urandom(8).hex())
     _spawned.append(_spawn_daemon(token + ".qmp", token + ".pid", token + ".log"))
+
+
+def _can_copy_fds() -> bool:
+    """Has the kernel pidfd_getfd (Linux 5.6), which open_image() needs for a daemon that did
+    not inherit the caller's file? Probed with an invalid pidfd: EBADF if it has."""
+    from ._ffi import lib
+
+    return lib.fb_pidfd_getfd(-1, 0) != -errno.ENOSYS
 
 
 def stop_spares() -> None:
@@ -386,8 +395,9 @@ def _tail(path: str, size: int = 1000) -> str:
 
 
 def open_image(server: Server) -> int:
-    """A new fd on the server's own open file of its image (pidfd_getfd): an OFD lock taken
-    through it lasts exactly as long as the server keeps the image open."""
+    """A new fd on the server's own open file of its image (pidfd_getfd, Linux 5.6): an OFD
+    lock taken through it lasts exactly as long as the server keeps the image open. (A
+    qemu-nbd also holds the caller's own open file, which it inherited.)"""
     from ._ffi import lib
 
     try:

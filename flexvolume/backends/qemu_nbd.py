@@ -4,9 +4,9 @@ killed call's leftovers collected). The server's identity is the image's ``<dev>
 its device's backend identifier ``flexblock:<dev>-<ino>``.
 
 The image lock (``lock`` option) is one byte at LOCK_OFFSET. It is taken on the driver's own
-open file first, so a busy image is refused before any server opens it, then moved onto the
-server's open file of the image (nbd.server.open_image), so it lasts exactly as long as the
-server. qemu's own locks (bytes 100-300, shared, and they do not stop a second server of a raw
+open file first, so a busy image is refused before any server opens it; a qemu-nbd inherits
+that open file, a spare server gets the lock moved onto its own open file of the image
+(nbd.server.open_image): either way it lasts exactly as long as the server. qemu's own locks (bytes 100-300, shared, and they do not stop a second server of a raw
 image) coexist with it; the whole-file lock of a loop attach conflicts with it, so the two
 backends exclude each other on a shared image.
 """
@@ -74,6 +74,8 @@ def _move_lock(image_fd: int, running: server.Server, *, read_only: bool, path: 
     """Move the image lock from our open file onto the server's. The two are different
     open file descriptions, whose locks conflict: ours goes first. A node that takes the lock
     in between is refused by neither, so this node gives up (ImageBusy)."""
+    if running.program == "qemu-nbd":
+        return  # it inherited our open file, and the lock with it
     try:
         held = server.open_image(running)
     except nbd.NbdError as e:

@@ -78,6 +78,7 @@ def program(request, run_dir) -> str:
 
 
 def _assert_runs(started: server.Server, program: str) -> None:
+    assert started.program == program
     with open(f"/proc/{started.pid}/comm", encoding="utf-8") as f:
         assert f.read().strip() == program[:15]  # the kernel keeps 15 characters
 
