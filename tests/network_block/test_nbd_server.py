@@ -240,7 +240,6 @@ def test_bad_format_and_cache_mode(run_dir, tmp_path):
         os.close(fd)
 
 
-
 def test_start_takes_a_spare_and_keep_spare_starts_one_at_a_time(run_dir, tmp_path):
     fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
     try:
