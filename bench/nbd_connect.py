@@ -33,11 +33,6 @@ def _free_index() -> int:
     return next(s.index for s in control.status() if not s.connected)
 
 
-def _spare_ready() -> bool:
-    spares = os.path.join(server.RUN_DIR, "spares")
-    return any(name.endswith(".pid") for name in os.listdir(spares))
-
-
 def _timed(action) -> float:
     started = time.perf_counter()
     action()
@@ -78,7 +73,7 @@ def main() -> int:
             server.stop(shared)
             server.keep_spare()
             deadline = time.monotonic() + 30
-            while not _spare_ready() and time.monotonic() < deadline:
+            while not server.spare_ready() and time.monotonic() < deadline:
                 time.sleep(0.05)
             for kind in ("backend", "backend-cold"):
                 started: list = []

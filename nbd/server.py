@@ -303,27 +303,47 @@ def keep_spare() -> None:
         raise NbdError(errno.EINVAL, "RUN_DIR must not contain a comma", RUN_DIR)
     spare_dir = _spare_dir()
     os.makedirs(spare_dir, mode=0o700, exist_ok=True)
+    states = _spare_states()
+    if "ready" in states.values() or "starting" in states.values():
+        return
+    for base, state in states.items():
+        if state in ("failed", "died"):
+            _remove_spare_files(base)
+    token = os.path.join(spare_dir, os.urandom(8).hex())
+    _spawned.append(_spawn_daemon(token + ".qmp", token + ".pid", token + ".log"))
+
+
+def spare_ready() -> bool:
+    """Is a spare daemon ready for the next start() on this host?"""
+    return "ready" in _spare_states().values()
+
+
+def _spare_states() -> dict[str, str]:
+    """Each spare's files' base path -> "ready", "starting", "failed" (never came up: no pid
+    file SPARE_START_TIMEOUT after its start; a taken spare loses its pid file last) or
+    "died"."""
+    try:
+        names = os.listdir(_spare_dir())
+    except FileNotFoundError:
+        return {}
+    states = {}
     now = time.time()
-    for token in sorted({name.rsplit(".", 1)[0] for name in os.listdir(spare_dir)}):
-        base = os.path.join(spare_dir, token)
+    for base in sorted({os.path.join(_spare_dir(), name.rsplit(".", 1)[0]) for name in names}):
         try:
             with open(base + ".pid", encoding="ascii") as f:
                 pid = int(f.read().split()[0])
         except FileNotFoundError:
             try:
-                if now - os.stat(base + ".log").st_mtime < SPARE_START_TIMEOUT:
-                    return  # starting
+                young = now - os.stat(base + ".log").st_mtime < SPARE_START_TIMEOUT
             except FileNotFoundError:
-                pass
-            _remove_spare_files(base)  # a start that failed (a spare is taken by its .pid)
+                young = False
+            states[base] = "starting" if young else "failed"
             continue
         except (ValueError, IndexError):
+            states[base] = "starting"  # qemu is writing it
             continue
-        if _monitor_of(_cmdline(pid)) == base + ".qmp":
-            return  # ready
-        _remove_spare_files(base)  # died
-    token = os.path.join(spare_dir, os.urandom(8).hex())
-    _spawned.append(_spawn_daemon(token + ".qmp", token + ".pid", token + ".log"))
+        states[base] = "ready" if _monitor_of(_cmdline(pid)) == base + ".qmp" else "died"
+    return states
 
 
 def _can_copy_fds() -> bool:

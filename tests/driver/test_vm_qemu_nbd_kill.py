@@ -105,8 +105,7 @@ def test_mount_killed_at_each_step_then_retried(nbd_kubelet, share, node, tmp_pa
     options = new_volume(share, mmp="false", format=image_format)
     if spare:
         server.keep_spare()
-        spares = os.path.join(server.RUN_DIR, "spares")
-        assert wait_until(lambda: any(n.endswith(".pid") for n in os.listdir(spares)))
+        assert wait_until(server.spare_ready)
     if fault == "tool:fsck.ext4":
         options["fsckOptions"] = "pf"  # e2fsck runs on a clean volume too
     digest = None
@@ -119,7 +118,8 @@ def test_mount_killed_at_each_step_then_retried(nbd_kubelet, share, node, tmp_pa
     pod = Pod("web")
     kill_mount(nbd_kubelet, tmp_path, pod, options, fault, driver=DRIVER)
     if spare:
-        assert os.listdir(spares) == [], "the killed mount did not take the spare"
+        assert os.listdir(os.path.join(server.RUN_DIR, "spares")) == [], \
+            "the killed mount did not take the spare"
     reply = retry_mount(nbd_kubelet, pod, options, fault, digest, driver=DRIVER,
                         device="/dev/nbd")
     assert len(ours(share)[0]) == 1, f"after a kill at {fault}: {ours(share)}"

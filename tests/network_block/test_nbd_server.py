@@ -62,18 +62,13 @@ def _image(tmp_path, fmt: str, size: str = "64M") -> str:
     return path
 
 
-def _spare_ready(run_dir: str) -> bool:
-    spares = os.path.join(run_dir, "spares")
-    return any(name.endswith(".pid") for name in os.listdir(spares))
-
-
 @pytest.fixture(params=["qemu-storage-daemon", "qemu-nbd"])
 def program(request, run_dir) -> str:
     """What the next start() serves the image with: the spare qemu-storage-daemon made ready
     here, or, with no spare ready, a qemu-nbd of its own."""
     if request.param == "qemu-storage-daemon":
         server.keep_spare()
-        assert wait_until(lambda: _spare_ready(run_dir))
+        assert wait_until(server.spare_ready)
     return request.param
 
 
@@ -245,7 +240,7 @@ def test_start_takes_a_spare_and_keep_spare_starts_one_at_a_time(run_dir, tmp_pa
     try:
         server.keep_spare()
         server.keep_spare()  # one is starting: no second
-        assert wait_until(lambda: _spare_ready(run_dir))
+        assert wait_until(server.spare_ready)
         server.keep_spare()  # one is ready: no second
         assert len(_serving(run_dir)) == 1
         spare_pid = _serving(run_dir)[0]
@@ -264,14 +259,14 @@ def test_dead_spare_is_skipped_and_stop_spares_stops_them(run_dir, tmp_path):
     fd = os.open(_image(tmp_path, "raw"), os.O_RDWR)
     try:
         server.keep_spare()
-        assert wait_until(lambda: _spare_ready(run_dir))
+        assert wait_until(server.spare_ready)
         os.kill(_serving(run_dir)[0], signal.SIGKILL)
         assert wait_until(lambda: not _serving(run_dir))
         started = server.start(fd)  # the dead spare's files stay behind: a qemu-nbd
         assert server.find(fd) == started
         server.stop(started)
         server.keep_spare()  # the dead spare's files go, a new one starts
-        assert wait_until(lambda: _spare_ready(run_dir)) and len(_serving(run_dir)) == 1
+        assert wait_until(server.spare_ready) and len(_serving(run_dir)) == 1
         server.stop_spares()
         assert _serving(run_dir) == [] and os.listdir(os.path.join(run_dir, "spares")) == []
     finally:
@@ -286,7 +281,7 @@ def test_concurrent_starts_share_out_one_spare(run_dir, tmp_path):
         (tmp_path / name).mkdir()
         paths.append(_image(tmp_path / name, "raw", size))
     server.keep_spare()
-    assert wait_until(lambda: _spare_ready(run_dir))
+    assert wait_until(server.spare_ready)
     starter = textwrap.dedent(f"""
         import os, sys
         from nbd import server
@@ -373,7 +368,7 @@ def test_a_spare_taken_but_not_configured_is_found_and_stopped(run_dir, tmp_path
     daemon under the image's name without a record: find() reports it with format None (so
     that a caller replaces it rather than connecting to it), stop() ends it."""
     server.keep_spare()
-    assert wait_until(lambda: _spare_ready(run_dir))
+    assert wait_until(server.spare_ready)
     spare_pid = _serving(run_dir)[0]
     path = _image(tmp_path, "raw")
     # The starter stops in the configuration, where a kill is to land (a test seam).
